@@ -1,0 +1,1 @@
+"""Fused Triton kernels (importable without diffusers or DeepSpeed)."""
