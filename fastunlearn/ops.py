@@ -1,10 +1,18 @@
 """Public ops (SPEC §2, §4) with a plain PyTorch reference and backend dispatch.
 
-`backend`: "torch" is the reference; "auto" picks the fastest available backend for the
-tensors' device. Compiled / Triton backends are registered by the kernels work.
+`backend`:
+* "torch": the plain PyTorch reference (any device, any float dtype);
+* "triton": the fused Triton kernels of fastunlearn.kernels (CUDA tensors; CPU tensors only
+  under the Triton interpreter, TRITON_INTERPRET=1 set before the first import);
+* "cuda" / "cpu": the C++ ops of csrc/ (torch.ops.fastunlearn.*, see fastunlearn/_ext.py);
+* "auto": Triton for CUDA tensors (the CUDA op if Triton is missing), the C++ op for CPU
+  tensors; falls back to "torch" with a one-time warning when neither can be loaded.
 """
 from __future__ import annotations
 
+import importlib
+import os
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -12,6 +20,91 @@ import torch
 from .errors import FastUnlearnError
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_warned: set[str] = set()
+_triton_modules: dict[str, object] = {}
+
+
+def _triton_module(name: str):
+    """fastunlearn.kernels.<name>, or a FastUnlearnError saying why it can't be used."""
+    if name not in _triton_modules:
+        try:
+            _triton_modules[name] = importlib.import_module(f"fastunlearn.kernels.{name}")
+        except ImportError as exc:
+            _triton_modules[name] = FastUnlearnError(f"backend 'triton' unavailable: {exc} (pip install triton)")
+    mod = _triton_modules[name]
+    if isinstance(mod, FastUnlearnError):
+        raise mod
+    return mod
+
+
+def _triton_ok() -> bool:
+    try:
+        _triton_module("noise_loss")
+        return True
+    except FastUnlearnError:
+        return False
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, op: str) -> str:
+    """The concrete backend ("triton", "cuda", "cpu" or "torch") that runs `op` on these tensors."""
+    if backend not in BACKENDS:
+        raise FastUnlearnError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    from . import _ext
+
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        if dtype not in KERNEL_DTYPES:
+            return "torch"
+        if device.type == "cuda":
+            if _triton_ok():
+                return "triton"
+            if _ext.available(cuda=True):
+                return "cuda"
+            _warn_once("cuda", f"fastunlearn: no Triton and no CUDA extension; {op} runs the PyTorch reference")
+            return "torch"
+        if device.type == "cpu":
+            try:
+                _ext.load()
+                return "cpu"
+            except FastUnlearnError as exc:
+                _warn_once("cpu", f"{exc}; {op} falls back to the PyTorch reference")
+                return "torch"
+        return "torch"
+    if dtype not in KERNEL_DTYPES:
+        raise FastUnlearnError(f"{op}: backend {backend!r} takes float32, float16 or bfloat16, got {dtype}")
+    if backend == "triton":
+        mod = _triton_module("noise_loss")
+        if device.type == "cpu" and not mod.INTERPRET:
+            raise FastUnlearnError(
+                f"{op}: backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before fastunlearn.kernels "
+                f"is imported to interpret on the CPU (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', 'unset')})")
+        if device.type not in ("cuda", "cpu"):
+            raise FastUnlearnError(f"{op}: backend 'triton' needs CUDA tensors, got {device}")
+        return "triton"
+    if backend == "cuda":
+        if device.type != "cuda":
+            raise FastUnlearnError(f"{op}: backend 'cuda' needs CUDA tensors, got {device}; use backend='cpu' or 'auto'")
+        _ext.load(cuda=True)
+        return "cuda"
+    if device.type != "cpu":
+        raise FastUnlearnError(f"{op}: backend 'cpu' needs CPU tensors, got {device}; use backend='auto'")
+    _ext.load()
+    return "cpu"
+
+
+def _check_tensor(x, name: str, op: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise FastUnlearnError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise FastUnlearnError(f"{op}: {name} must be a floating-point tensor, got {x.dtype}")
 
 
 def noise_prediction_loss_reference(student, targets, coeffs, weights=None, reduction="mean"):
@@ -34,13 +127,18 @@ def noise_prediction_loss_reference(student, targets, coeffs, weights=None, redu
 
 
 def _check_noise_loss_inputs(student, targets, coeffs, weights, reduction):
+    op = "noise_prediction_loss"
+    _check_tensor(student, "student", op)
     if reduction not in ("mean", "sum", "none"):
         raise FastUnlearnError(f"noise_prediction_loss: unknown reduction {reduction!r} (use mean, sum or none)")
     if not isinstance(targets, Sequence) or isinstance(targets, torch.Tensor) or not 1 <= len(targets) <= 4:
         raise FastUnlearnError("noise_prediction_loss: targets must be a list of 1 to 4 tensors")
     if student.dim() < 1 or student.shape[0] == 0:
         raise FastUnlearnError(f"noise_prediction_loss: student must be (B, ...) with B >= 1, got {tuple(student.shape)}")
+    if student.numel() == 0:
+        raise FastUnlearnError(f"noise_prediction_loss: student has no elements per sample, shape {tuple(student.shape)}")
     for k, t in enumerate(targets):
+        _check_tensor(t, f"targets[{k}]", op)
         if t.shape != student.shape:
             raise FastUnlearnError(
                 f"noise_prediction_loss: targets[{k}] has shape {tuple(t.shape)}, student {tuple(student.shape)}")
@@ -49,24 +147,39 @@ def _check_noise_loss_inputs(student, targets, coeffs, weights, reduction):
         if t.dtype != student.dtype:
             raise FastUnlearnError(f"noise_prediction_loss: targets[{k}] is {t.dtype}, student {student.dtype}")
     B, K = student.shape[0], len(targets)
+    _check_tensor(coeffs, "coeffs", op)
     if tuple(coeffs.shape) != (B, K):
         raise FastUnlearnError(f"noise_prediction_loss: coeffs must be (B, K) = ({B}, {K}), got {tuple(coeffs.shape)}")
+    if weights is not None:
+        _check_tensor(weights, "weights", op)
     if weights is not None and tuple(weights.shape) != (B,):
         raise FastUnlearnError(f"noise_prediction_loss: weights must be (B,) = ({B},), got {tuple(weights.shape)}")
 
 
 def noise_prediction_loss(student, targets, coeffs, weights=None, reduction="mean", backend="auto"):
-    """See SPEC §2. Gradients flow to `student` only."""
+    """See SPEC §2. Gradients flow to `student` only.
+
+    student: (B, ...) fp32/fp16/bf16; targets: 1-4 tensors like student (same dtype and device);
+    coeffs: (B, K); weights: (B,) or None (= ones), negative allowed. Returns fp32: 0-d for
+    "mean"/"sum", (B,) for "none".
+    """
     if backend not in BACKENDS:
         raise FastUnlearnError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     _check_noise_loss_inputs(student, targets, coeffs, weights, reduction)
-    coeffs = coeffs.to(device=student.device, dtype=torch.float32)
+    coeffs = coeffs.detach().to(device=student.device, dtype=torch.float32)
     if weights is not None:
-        weights = weights.to(device=student.device, dtype=torch.float32)
+        weights = weights.detach().to(device=student.device, dtype=torch.float32)
     targets = [t.detach() for t in targets]
-    if backend in ("auto", "torch"):
+    impl = resolve_backend(backend, student.device, student.dtype, "noise_prediction_loss")
+    if impl == "torch":
         return noise_prediction_loss_reference(student, targets, coeffs, weights, reduction)
-    raise FastUnlearnError(f"backend {backend!r} is not built in this install; use backend='torch' or 'auto'")
+    if impl == "triton":
+        return _triton_module("noise_loss").triton_noise_prediction_loss(student, targets, coeffs, weights, reduction)
+    from . import _ext
+
+    if weights is None:
+        weights = torch.ones(student.shape[0], device=student.device, dtype=torch.float32)
+    return _ext.noise_loss(student, targets, coeffs, weights, reduction)
 
 
 def lpips_distance_reference(feats0, feats1, lin_weights):
@@ -83,10 +196,52 @@ def lpips_distance_reference(feats0, feats1, lin_weights):
 
 def lpips_distance(feats0, feats1, lin_weights, backend="auto"):
     """Per-layer fused LPIPS distance (SPEC §4): lists of (B, C_l, H_l, W_l) maps and (C_l,) weights -> (B,)."""
+    """feats0, feats1: lists of (B, C_l, H_l, W_l) maps (fp32/fp16/bf16, one dtype and device per
+    layer); lin_weights: (C_l,) weights (or lpips' (1, C_l, 1, 1) conv weights). Returns (B,) fp32,
+    differentiable w.r.t. both feature lists."""
     if backend not in BACKENDS:
         raise FastUnlearnError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    feats0, feats1, flat_weights = _check_lpips_inputs(feats0, feats1, lin_weights)
+    dtype = next((f.dtype for f in feats0 if f.dtype not in KERNEL_DTYPES), feats0[0].dtype)
+    impl = resolve_backend(backend, feats0[0].device, dtype, "lpips_distance")
+    if impl == "torch":
+        return lpips_distance_reference(feats0, feats1, lin_weights)
+    lin_weights = flat_weights  # the kernels take (C,) fp32 weights as constants
+    if impl == "triton":
+        return _triton_module("lpips_distance").triton_lpips_distance(feats0, feats1, lin_weights)
+    from . import _ext
+
+    return _ext.lpips_distance(feats0, feats1, lin_weights)
+
+
+def _check_lpips_inputs(feats0, feats1, lin_weights):
+    op = "lpips_distance"
+    for name, seq in (("feats0", feats0), ("feats1", feats1), ("lin_weights", lin_weights)):
+        if isinstance(seq, torch.Tensor) or not isinstance(seq, Sequence):
+            raise FastUnlearnError(f"{op}: {name} must be a list of tensors, got {type(seq).__name__}")
     if not (len(feats0) == len(feats1) == len(lin_weights)) or len(feats0) == 0:
         raise FastUnlearnError("lpips_distance: feats0, feats1 and lin_weights must be non-empty lists of one length")
-    if backend in ("auto", "torch"):
-        return lpips_distance_reference(feats0, feats1, lin_weights)
-    raise FastUnlearnError(f"backend {backend!r} is not built in this install; use backend='torch' or 'auto'")
+    device, B = None, None
+    weights = []
+    for l, (f0, f1, w) in enumerate(zip(feats0, feats1, lin_weights)):
+        _check_tensor(f0, f"feats0[{l}]", op)
+        _check_tensor(f1, f"feats1[{l}]", op)
+        _check_tensor(w, f"lin_weights[{l}]", op)
+        if f0.dim() != 4 or f0.shape != f1.shape:
+            raise FastUnlearnError(f"{op}: layer {l}: feature maps must be two (B, C, H, W) tensors of one shape, "
+                                   f"got {tuple(f0.shape)} and {tuple(f1.shape)}")
+        if f0.dtype != f1.dtype:
+            raise FastUnlearnError(f"{op}: layer {l}: feats0 is {f0.dtype}, feats1 {f1.dtype}")
+        device = f0.device if device is None else device
+        B = f0.shape[0] if B is None else B
+        if f0.device != device or f1.device != device or w.device != device:
+            raise FastUnlearnError(f"{op}: layer {l}: tensors on {f0.device}, {f1.device}, {w.device}; "
+                                   f"all must be on {device}")
+        if f0.shape[0] != B:
+            raise FastUnlearnError(f"{op}: layer {l} has batch {f0.shape[0]}, layer 0 has {B}")
+        if B == 0 or f0.shape[1] == 0 or f0.shape[2] * f0.shape[3] == 0:
+            raise FastUnlearnError(f"{op}: layer {l}: empty feature map {tuple(f0.shape)}")
+        if w.numel() != f0.shape[1]:
+            raise FastUnlearnError(f"{op}: layer {l}: lin_weights has {w.numel()} values for {f0.shape[1]} channels")
+        weights.append(w.detach().reshape(-1).float())
+    return list(feats0), list(feats1), weights
