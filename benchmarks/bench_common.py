@@ -2,9 +2,11 @@
 
 Timing: CUDA events on the GPU, perf_counter on the CPU; every number is the median of `reps`
 runs after warm-up. Peak memory is the extra memory at the peak of one call over what was live
-before it: torch.cuda.max_memory_allocated on the GPU; on the CPU the process's resident-set
-high-water mark (VmHWM, reset through /proc/self/clear_refs) with glibc's mmap threshold fixed at
-128 KiB so large tensors are returned to the OS when freed (Linux only; NaN elsewhere).
+before it: torch.cuda.max_memory_allocated on the GPU; on the CPU the growth of the process's
+resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs; Linux only, NaN
+elsewhere). By default glibc keeps freed blocks for reuse, so CPU peaks are lower bounds;
+--exact-cpu-memory fixes the mmap threshold at 128 KiB to make them exact, at the price of page
+faults on every large allocation (which slows allocation-heavy providers: don't compare times then).
 """
 from __future__ import annotations
 

@@ -29,14 +29,29 @@ namespace {
 constexpr int64_t kNoiseChunk = 8192;
 // Inner run accumulated in fp32 (vectorised) before it is added to the fp64 total.
 constexpr int64_t kRun = 512;
-// Spatial positions per LPIPS task; the inner loops run over these contiguous positions.
-constexpr int64_t kTile = 64;
+// Spatial positions per LPIPS task (at most); the inner loops run over these contiguous positions.
+// The tile is sized so that both maps' tile (P x C) stays in L2 for the second pass over channels.
+constexpr int64_t kTile = 256;
+
+int64_t lpips_tile_size(int64_t C, int64_t HW) {
+  int64_t p = std::max<int64_t>(16, std::min<int64_t>(kTile, (32768 / std::max<int64_t>(C, 1)) / 16 * 16));
+  return std::min(p, HW);
+}
 
 template <typename T>
 inline float tof(T v) { return static_cast<float>(v); }
 
+// The inner loops are compiled twice on x86-64 with GCC: for AVX2+FMA (chosen at load time on
+// CPUs that have it) and for the baseline ISA, so the build stays portable.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FU_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define FU_CLONES
+#endif
+#define FU_INLINE inline __attribute__((always_inline))
+
 template <typename scalar_t, int K>
-double noise_chunk(const scalar_t* __restrict s, const scalar_t* const* t, const float* c,
+FU_INLINE double noise_chunk(const scalar_t* __restrict s, const scalar_t* const* t, const float* c,
                    scalar_t* __restrict g, float gscale, int64_t n) {
   const scalar_t* __restrict t0 = t[0];
   const scalar_t* __restrict t1 = t[K > 1 ? 1 : 0];
@@ -74,6 +89,30 @@ double noise_chunk(const scalar_t* __restrict s, const scalar_t* const* t, const
   return total;
 }
 
+#define FU_NOISE_CLONE(T, NAME)                                                                             \
+  FU_CLONES double NAME(const T* s, const T* const* t, const float* c, T* g, float gscale, int64_t n, int64_t K) { \
+    switch (K) {                                                                                              \
+      case 1: return noise_chunk<T, 1>(s, t, c, g, gscale, n);                                                \
+      case 2: return noise_chunk<T, 2>(s, t, c, g, gscale, n);                                                \
+      case 3: return noise_chunk<T, 3>(s, t, c, g, gscale, n);                                                \
+      default: return noise_chunk<T, 4>(s, t, c, g, gscale, n);                                               \
+    }                                                                                                         \
+  }
+FU_NOISE_CLONE(float, noise_chunk_f32)
+FU_NOISE_CLONE(c10::Half, noise_chunk_f16)
+FU_NOISE_CLONE(c10::BFloat16, noise_chunk_bf16)
+
+inline double noise_chunk_any(const float* s, const float* const* t, const float* c, float* g, float gs, int64_t n,
+                              int64_t K) { return noise_chunk_f32(s, t, c, g, gs, n, K); }
+inline double noise_chunk_any(const c10::Half* s, const c10::Half* const* t, const float* c, c10::Half* g, float gs,
+                              int64_t n, int64_t K) { return noise_chunk_f16(s, t, c, g, gs, n, K); }
+inline double noise_chunk_any(const c10::BFloat16* s, const c10::BFloat16* const* t, const float* c, c10::BFloat16* g,
+                              float gs, int64_t n, int64_t K) { return noise_chunk_bf16(s, t, c, g, gs, n, K); }
+
+// float64 never reaches the kernels (check_floating), but AT_DISPATCH instantiates it.
+inline double noise_chunk_any(const double* s, const double* const* t, const float* c, double* g, float gs, int64_t n,
+                              int64_t K) { TORCH_CHECK(false, "fastunlearn: float64 is not supported"); return 0.0; }
+
 template <typename scalar_t>
 void noise_loss_cpu_impl(const at::Tensor& s, const std::vector<at::Tensor>& ts, const at::Tensor& coeffs,
                          const at::Tensor& weights, bool need_grad, double grad_scale, at::Tensor& grad,
@@ -97,14 +136,7 @@ void noise_loss_cpu_impl(const at::Tensor& s, const std::vector<at::Tensor>& ts,
       const float* ck = cp + b * K;
       const float gscale = static_cast<float>(grad_scale * 2.0 * wp[b] / static_cast<double>(D));
       scalar_t* g = gp ? gp + off : nullptr;
-      double r = 0.0;
-      switch (K) {
-        case 1: r = noise_chunk<scalar_t, 1>(sp + off, tk, ck, g, gscale, n); break;
-        case 2: r = noise_chunk<scalar_t, 2>(sp + off, tk, ck, g, gscale, n); break;
-        case 3: r = noise_chunk<scalar_t, 3>(sp + off, tk, ck, g, gscale, n); break;
-        default: r = noise_chunk<scalar_t, 4>(sp + off, tk, ck, g, gscale, n); break;
-      }
-      partial[task] = r;
+      partial[task] = noise_chunk_any(sp + off, tk, ck, g, gscale, n, K);
     }
   });
   for (int64_t b = 0; b < B; ++b) {
@@ -115,7 +147,7 @@ void noise_loss_cpu_impl(const at::Tensor& s, const std::vector<at::Tensor>& ts,
 }
 
 template <typename scalar_t>
-double lpips_tile(const scalar_t* __restrict f0, const scalar_t* __restrict f1, const float* __restrict w,
+FU_INLINE double lpips_tile(const scalar_t* __restrict f0, const scalar_t* __restrict f1, const float* __restrict w,
                   scalar_t* __restrict g0, scalar_t* __restrict g1, int64_t C, int64_t HW, int64_t P,
                   float gscale) {
   float ss0[kTile] = {0}, ss1[kTile] = {0}, a0[kTile], a1[kTile];
@@ -189,6 +221,21 @@ double lpips_tile(const scalar_t* __restrict f0, const scalar_t* __restrict f1, 
   return total;
 }
 
+#define FU_LPIPS_CLONE(T, NAME)                                                                     \
+  FU_CLONES double NAME(const T* f0, const T* f1, const float* w, T* g0, T* g1, int64_t C, int64_t HW, \
+                        int64_t P, float gscale) {                                                    \
+    return lpips_tile<T>(f0, f1, w, g0, g1, C, HW, P, gscale);                                       \
+  }                                                                                                   \
+  inline double lpips_tile_any(const T* f0, const T* f1, const float* w, T* g0, T* g1, int64_t C,    \
+                               int64_t HW, int64_t P, float gscale) {                                \
+    return NAME(f0, f1, w, g0, g1, C, HW, P, gscale);                                                \
+  }
+FU_LPIPS_CLONE(float, lpips_tile_f32)
+FU_LPIPS_CLONE(c10::Half, lpips_tile_f16)
+FU_LPIPS_CLONE(c10::BFloat16, lpips_tile_bf16)
+inline double lpips_tile_any(const double*, const double*, const float*, double*, double*, int64_t, int64_t, int64_t,
+                             float) { TORCH_CHECK(false, "fastunlearn: float64 is not supported"); return 0.0; }
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> noise_loss_fwd_cpu(const at::Tensor& student, at::TensorList targets,
@@ -228,7 +275,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lpips_layer_fwd_cpu(const at::Ten
     if (need_grad) { g0.zero_(); g1.zero_(); }
     return {dist, g0, g1};
   }
-  const int64_t n_tiles = (HW + kTile - 1) / kTile;
+  const int64_t tile_p = lpips_tile_size(C, HW);
+  const int64_t n_tiles = (HW + tile_p - 1) / tile_p;
   std::vector<double> partial(B * n_tiles, 0.0);
   const float gscale = static_cast<float>(1.0 / static_cast<double>(HW));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f0.scalar_type(), "lpips_layer_fwd_cpu", [&] {
@@ -240,9 +288,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lpips_layer_fwd_cpu(const at::Ten
     at::parallel_for(0, B * n_tiles, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / n_tiles, tile = task % n_tiles;
-        const int64_t off = b * C * HW + tile * kTile;
-        const int64_t P = std::min(kTile, HW - tile * kTile);
-        partial[task] = lpips_tile<scalar_t>(p0 + off, p1 + off, wp, q0 ? q0 + off : nullptr,
+        const int64_t off = b * C * HW + tile * tile_p;
+        const int64_t P = std::min(tile_p, HW - tile * tile_p);
+        partial[task] = lpips_tile_any(p0 + off, p1 + off, wp, q0 ? q0 + off : nullptr,
                                              q1 ? q1 + off : nullptr, C, HW, P, gscale);
       }
     });
