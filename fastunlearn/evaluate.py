@@ -1,0 +1,118 @@
+"""Evaluation of an unlearned model against its original: integrity I, and in the digits world
+forget/retain accuracy as judged by the digit classifier.
+
+Teacher samples and their perceptual features are computed once per `Evaluator` and reused by
+every later evaluation of a student.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.distributed as dist
+
+from .metrics import integrity
+from .sampling import SamplerConfig, sample
+
+
+def with_unet(pipe, unet):
+    """The same pipeline with another UNet (no weights copied)."""
+    kwargs = dict(pipe.components)
+    kwargs["unet"] = unet
+    if "requires_safety_checker" in inspect.signature(type(pipe).__init__).parameters:
+        kwargs["requires_safety_checker"] = False
+    out = type(pipe)(**kwargs)
+    out.set_progress_bar_config(disable=True)
+    return out
+
+
+def sample_sharded(pipe, prompts, seeds, sampler: SamplerConfig, progress=False, output_type="pt") -> torch.Tensor:
+    """`sample` split across the ranks of a process group (every rank gets all images).
+    Each rank runs the same number of UNet calls, so ZeRO-3's collective forwards line up."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world == 1:
+        return sample(pipe, prompts, seeds, sampler, progress=progress, output_type=output_type)
+    rank = dist.get_rank()
+    n = len(prompts)
+    per = -(-n // world)
+    idx = [min(i, n - 1) for i in range(rank * per, (rank + 1) * per)]
+    mine = sample(pipe, [prompts[i] for i in idx], [seeds[i] for i in idx], sampler, batch_size=per, progress=False,
+                  output_type=output_type)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, mine)
+    return torch.cat(gathered)[:n]
+
+
+class Evaluator:
+    """Fixed (prompt, seed) sets for forget and retain; `labels_*` (digits world) enable accuracy."""
+
+    def __init__(self, teacher_pipe, forget, retain, sampler: SamplerConfig, perceptual=None, classifier=None,
+                 forget_label=None, retain_labels=None):
+        self.teacher_pipe, self.sampler = teacher_pipe, sampler
+        self.forget, self.retain = forget, retain  # (prompts, seeds)
+        self.perceptual, self.classifier = perceptual, classifier
+        self.forget_label = forget_label
+        self.retain_labels = torch.tensor(retain_labels) if retain_labels is not None else None
+        self._teacher = None
+
+    def teacher(self):
+        if self._teacher is None:
+            imgs = {k: sample_sharded(self.teacher_pipe, *getattr(self, k), self.sampler) for k in ("forget", "retain")}
+            feats = {k: self.perceptual.features(v) if self.perceptual else None for k, v in imgs.items()}
+            self._teacher = (imgs, feats)
+        return self._teacher
+
+    def accuracy(self, forget_images, retain_images) -> dict:
+        f = self.classifier.predict(forget_images * 2 - 1)
+        r = self.classifier.predict(retain_images * 2 - 1)
+        return {"forget_accuracy": float((f == self.forget_label).float().mean()),
+                "retain_accuracy": float((r == self.retain_labels).float().mean())}
+
+    def base(self) -> dict:
+        imgs, _ = self.teacher()
+        if self.classifier is None:
+            return {}
+        acc = self.accuracy(imgs["forget"], imgs["retain"])
+        return {"base_forget_accuracy": acc["forget_accuracy"], "base_retain_accuracy": acc["retain_accuracy"]}
+
+    @torch.no_grad()
+    def evaluate(self, student_pipe) -> tuple[dict, dict]:
+        """(metrics, student images). Metrics: integrity_{retain,forget}(_ci95), accuracies when labelled."""
+        t_imgs, t_feats = self.teacher()
+        s_imgs = {k: sample_sharded(student_pipe, *getattr(self, k), self.sampler) for k in ("forget", "retain")}
+        out = {"integrity_retain": None, "integrity_retain_ci95": None, "integrity_forget": None,
+               "integrity_forget_ci95": None}
+        if self.perceptual is not None:
+            for k in ("retain", "forget"):
+                res = integrity(self.perceptual, t_imgs[k], s_imgs[k], t_feats[k])
+                out[f"integrity_{k}"], out[f"integrity_{k}_ci95"] = res["mean"], res["ci95"]
+        if self.classifier is not None:
+            out.update(self.accuracy(s_imgs["forget"], s_imgs["retain"]))
+        return out, s_imgs
+
+
+def save_comparison_grid(path, rows, title=None):
+    """rows: list of (label, teacher images (S,3,H,W), student images (S,3,H,W)); two image rows per entry."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = max(len(t) for _, t, _ in rows)
+    fig, axes = plt.subplots(2 * len(rows), cols, figsize=(0.75 * cols + 2.6, 0.8 * 2 * len(rows) + 0.5),
+                             squeeze=False)
+    for r, (label, teacher, student) in enumerate(rows):
+        for k, (name, imgs) in enumerate((("original", teacher), ("unlearned", student))):
+            for c in range(cols):
+                ax = axes[2 * r + k][c]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if c < len(imgs):
+                    ax.imshow(imgs[c].permute(1, 2, 0).clamp(0, 1).float().numpy(), interpolation="nearest")
+            axes[2 * r + k][0].set_ylabel(f"{label}\n{name}" if k == 0 else name, rotation=0, ha="right",
+                                          va="center", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,128 @@
+"""Loading diffusers pipelines (SD 1.x/2.x, SDXL) and turning prompts into UNet conditioning.
+
+`Conditioner` encodes every prompt once (the text encoders are frozen) and hands out batched
+UNet keyword arguments, `encoder_hidden_states` and, for SDXL, `added_cond_kwargs`.
+The empty prompt "" is the unconditional branch exactly as the pipeline's own sampler builds
+it (SDXL's `force_zeros_for_empty_prompt` included), so training and sampling agree.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import FastUnlearnError
+
+
+def quiet_diffusers() -> None:
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.disable_progress_bar()
+    dlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    tlog.set_verbosity_error()
+
+
+def load_pipeline(model: str, torch_dtype=None, cache_dir=None):
+    """A diffusers SD/SDXL pipeline from a local folder, a cached hub id, or "digits" (the embedded world)."""
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    quiet_diffusers()
+    if model == "digits":
+        from .digits import ensure_world
+
+        model = str(ensure_world(cache_dir) / "pipeline")
+    path = Path(model).expanduser()
+    looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1  # else a hub id
+    if looks_local:
+        if not path.is_dir():
+            raise FastUnlearnError(f"model path {model} does not exist")
+        if not (path / "model_index.json").is_file():
+            raise FastUnlearnError(f"model path {model} is not a diffusers pipeline (no model_index.json)")
+    kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(path) if looks_local else model, use_safetensors=True, **kwargs)
+    except OSError as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        why = ("no such local folder, and offline (HF_HUB_OFFLINE=1) with no hub copy in the local cache"
+               if offline else str(exc).splitlines()[0])
+        raise FastUnlearnError(f"cannot load model {model!r}: {why}") from None
+    except ValueError as exc:
+        raise FastUnlearnError(f"cannot load model {model!r}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
+        raise FastUnlearnError(f"model {model!r} is a {type(pipe).__name__}; fastunlearn supports Stable Diffusion "
+                               "1.x/2.x (StableDiffusionPipeline) and SDXL (StableDiffusionXLPipeline)")
+    tok = pipe.tokenizer
+    if tok is not None and len(tok) <= 2:
+        raise FastUnlearnError(f"model {model!r} has a tokenizer without vocabulary ({len(tok)} tokens)")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def is_sdxl(pipe) -> bool:
+    return getattr(pipe, "text_encoder_2", None) is not None or pipe.unet.config.addition_embed_type == "text_time"
+
+
+def fingerprint(module: torch.nn.Module, extra: dict | None = None) -> str:
+    """A short hash of a module's weights (and optional settings): the key of teacher caches."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    if extra:
+        h.update(json.dumps(extra, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+class Conditioner:
+    """Encodes prompts once; `kwargs(indices)` gives the UNet conditioning for a batch of prompt indices."""
+
+    def __init__(self, pipe, prompts, device, dtype):
+        self.prompts = list(dict.fromkeys([""] + list(prompts)))  # index 0 is the unconditional prompt
+        self.index = {p: i for i, p in enumerate(self.prompts)}
+        self.sdxl = is_sdxl(pipe)
+        with torch.no_grad():
+            if self.sdxl:
+                pe, _, pooled, _ = pipe.encode_prompt(self.prompts[1:] or [" "], device="cpu",
+                                                      do_classifier_free_guidance=False)
+                _, npe, _, npooled = pipe.encode_prompt(" ", device="cpu", do_classifier_free_guidance=True)
+                self.hidden = torch.cat([npe, pe[: len(self.prompts) - 1]])
+                self.pooled = torch.cat([npooled, pooled[: len(self.prompts) - 1]])
+                size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+                self.time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)
+            else:
+                pe, npe = pipe.encode_prompt(self.prompts[1:] or [" "], device="cpu", num_images_per_prompt=1,
+                                             do_classifier_free_guidance=True)
+                self.hidden = torch.cat([npe[:1], pe[: len(self.prompts) - 1]])
+        self.hidden = self.hidden.to(device, dtype)
+        if self.sdxl:
+            self.pooled = self.pooled.to(device, dtype)
+            self.time_ids = self.time_ids.to(device, dtype)
+
+    def ids(self, prompts) -> torch.Tensor:
+        return torch.tensor([self.index[p] for p in prompts], dtype=torch.long)
+
+    def kwargs(self, idx: torch.Tensor) -> dict:
+        idx = idx.to(self.hidden.device)
+        out = {"encoder_hidden_states": self.hidden[idx]}
+        if self.sdxl:
+            out["added_cond_kwargs"] = {"text_embeds": self.pooled[idx],
+                                        "time_ids": self.time_ids.expand(len(idx), -1)}
+        return out
+
+
+def param_subset(unet: torch.nn.Module, subset: str) -> list[str]:
+    """Names of the parameters a subset trains: `full`, `attn2` (cross-attention), `non-attn2`."""
+    names = [n for n, _ in unet.named_parameters()]
+    if subset == "full":
+        return names
+    if subset == "attn2":
+        return [n for n in names if ".attn2." in n]
+    if subset == "non-attn2":
+        return [n for n in names if ".attn2." not in n]
+    raise FastUnlearnError(f"unknown parameter subset {subset!r}; choose one of full, attn2, non-attn2")

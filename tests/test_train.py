@@ -1,0 +1,175 @@
+"""The unlearning engine on the tiny SD 1.x / SDXL fixtures: every method, Saddle's dual variable,
+checkpoints, and the one-line errors of the command line."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+
+from fastunlearn.config import METHODS, SaddleConfig, TrainConfig, load_config
+from fastunlearn.methods import Saddle
+
+TRAIN = str(Path(__file__).resolve().parents[1] / "fastunlearn" / "train.py")
+TINY = ["--max-steps", "3", "--set", "forget_batch_size=2", "--set", "retain_batch_size=2",
+        "--set", "forget_samples_per_prompt=2", "--set", "retain_samples_per_prompt=2", "--set", "sample_steps=2",
+        "--set", "eval.forget_samples=2", "--set", "eval.retain_samples_per_prompt=1",
+        "--set", "eval.num_inference_steps=2", "--set", "saddle.g0_batches=1", "--set", "eval.grid_seeds=2"]
+
+
+@pytest.fixture(scope="module")
+def prompt_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("prompts")
+    (d / "forget.txt").write_text("a photo of cat\na painting of cat\n")
+    (d / "retain.txt").write_text("a photo of dog\na photo of car\n")
+    return d
+
+
+def run_inprocess(argv):
+    from fastunlearn.train import main
+
+    return main(argv)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_sd_path", "tiny_sdxl_path"])
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_runs_three_steps(method, fixture, request, prompt_files, tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTUNLEARN_CACHE", str(tmp_path / "cache"))
+    model = request.getfixturevalue(fixture)
+    out = tmp_path / "out"
+    run_inprocess(["--model", str(model), "--method", method, "--forget-prompts", str(prompt_files / "forget.txt"),
+                   "--retain-prompts", str(prompt_files / "retain.txt"), "--output-dir", str(out), *TINY])
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == method and report["steps"] == 3
+    for key in ("steps_to_converge", "wall_time_s", "integrity_retain", "integrity_forget",
+                "integrity_retain_ci95", "integrity_forget_ci95"):
+        assert key in report
+    assert (out / "grid.png").is_file() and (out / "train.log").is_file()
+    pipe = DiffusionPipeline.from_pretrained(out)
+    assert type(pipe).__name__ == ("StableDiffusionXLPipeline" if "sdxl" in fixture else "StableDiffusionPipeline")
+    original = DiffusionPipeline.from_pretrained(model)
+    changed = any(not torch.equal(a, b) for a, b in zip(pipe.unet.parameters(), original.unet.parameters()))
+    assert changed, "three steps did not change the UNet"
+
+
+def test_v_prediction_model_trains(tmp_path, prompt_files, monkeypatch):
+    from fastunlearn.testing import tiny_sd_pipeline
+
+    monkeypatch.setenv("FASTUNLEARN_CACHE", str(tmp_path / "cache"))
+    tiny_sd_pipeline(prediction_type="v_prediction").save_pretrained(tmp_path / "v")
+    run_inprocess(["--model", str(tmp_path / "v"), "--method", "ga", "--forget-prompts",
+                   str(prompt_files / "forget.txt"), "--retain-prompts", str(prompt_files / "retain.txt"),
+                   "--output-dir", str(tmp_path / "out"), *TINY])
+    assert DiffusionPipeline.from_pretrained(tmp_path / "out").scheduler.config.prediction_type == "v_prediction"
+
+
+def test_saddle_lambda_rises_above_tau_and_falls_below():
+    cfg = TrainConfig(saddle=SaddleConfig(tau=0.2, eta_lambda=0.5, lambda_init=1.0, lambda_max=10.0, gap_ema=0.5))
+    m = Saddle(cfg)
+    m.g0, m.tau, m.g_hat = 1.0, 0.2, 1.0
+    lams = []
+    for step in range(1, 11):  # the gap stays at G0, far above tau
+        m.after_step({"G": 1.0}, step)
+        lams.append(m.lam)
+    assert all(b > a for a, b in zip(lams, lams[1:])) and m.constraint_met_step is None
+    for step in range(11, 200):  # the concept is gone: the gap drops below tau
+        m.after_step({"G": 0.0}, step)
+        lams.append(m.lam)
+    assert m.constraint_met_step is not None and lams[-1] == 0.0 and max(lams) <= 10.0
+    peak = lams.index(max(lams))
+    assert all(b <= a for a, b in zip(lams[peak:], lams[peak + 1:]))
+
+
+def test_checkpoint_restores_saddle_state_optimizer_step_and_rng(tiny_sd_path, prompt_files, tmp_path, monkeypatch):
+    from fastunlearn.train import Trainer, config_from_args
+
+    monkeypatch.setenv("FASTUNLEARN_CACHE", str(tmp_path / "cache"))
+    argv = ["--model", str(tiny_sd_path), "--forget-prompts", str(prompt_files / "forget.txt"), "--retain-prompts",
+            str(prompt_files / "retain.txt"), "--output-dir", str(tmp_path / "out"), *TINY,
+            "--set", "checkpoint_every=2", "--max-steps", "2"]
+    a = Trainer(config_from_args(argv))
+    a.out.mkdir(parents=True)
+    a.method.setup(a)
+    for step in range(2):
+        loss, terms = a.method.loss(a.make_step(step, 0))
+        a.engine.backward(loss)
+        a.engine.step()
+        a.step += 1
+        a.method.after_step({k: float(v) for k, v in terms.items()}, a.step)
+    a.save_checkpoint()
+    rng = torch.get_rng_state()
+    saved_state = a.method.state_dict()
+    saved_weights = {k: v.clone() for k, v in a.engine.module.state_dict().items()}
+    saved_opt = {k: v.clone() for k, v in a.optimizer.state_dict()["state"][0].items() if torch.is_tensor(v)}
+    torch.manual_seed(1234)  # scramble the RNG; resume must restore it
+
+    b = Trainer(config_from_args(argv))
+    assert b.maybe_resume()
+    assert b.step == 2 and b.method.state_dict() == saved_state
+    assert {"lam", "g0", "g_hat", "tau"} <= saved_state.keys() and saved_state["lam"] != 1.0
+    assert torch.equal(torch.get_rng_state(), rng)
+    for k, v in b.engine.module.state_dict().items():
+        assert torch.equal(v, saved_weights[k]), k
+    opt = b.optimizer.state_dict()["state"][0]
+    for k, v in saved_opt.items():
+        assert torch.equal(opt[k], v), k
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    cfg = load_config(str(path)).validate()
+    if cfg.deepspeed_config:
+        ds = json.loads((Path(__file__).resolve().parents[1] / cfg.deepspeed_config).read_text())
+        assert ds["zero_optimization"]["stage"] == cfg.zero_stage
+
+
+@pytest.mark.parametrize("case", ["unknown-method", "unknown-key", "missing-model", "empty-prompts",
+                                  "same-prompt", "hub-offline", "not-diffusers", "bad-subset", "ds-batch"])
+def test_bad_input_is_one_line_error_and_leaves_no_output(case, tmp_path, tiny_sd_path):
+    out = tmp_path / "out"
+    forget = tmp_path / "forget.txt"
+    forget.write_text("a photo of cat\n")
+    retain = tmp_path / "retain.txt"
+    retain.write_text("a photo of dog\n")
+    base = ["--model", str(tiny_sd_path), "--forget-prompts", str(forget), "--retain-prompts", str(retain),
+            "--output-dir", str(out)]
+    expect = {"unknown-method": (["--method", "forgetful"], "unknown method"),
+              "unknown-key": (["--set", "lrr=0.1"], "unknown config key 'lrr'"),
+              "missing-model": (["--model", str(tmp_path / "nope")], "does not exist"),
+              "empty-prompts": (["--forget-prompts", str(tmp_path / "empty.txt")], "forget prompt list is empty"),
+              "same-prompt": (["--retain-prompts", str(forget)], "in both the forget and the retain set"),
+              "hub-offline": (["--model", "someone/not-a-model"], "offline"),
+              "not-diffusers": (["--model", str(tmp_path)], "not a diffusers pipeline"),
+              "bad-subset": (["--params", "attn3"], "unknown parameter subset"),
+              "ds-batch": (["--set", f"deepspeed_config={tmp_path / 'ds.json'}"], "contradicts")}[case]
+    (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "ds.json").write_text(json.dumps({"train_batch_size": 7, "zero_optimization": {"stage": 0}}))
+    config = tmp_path / "c.yaml"
+    if case == "unknown-key":
+        config.write_text("lrr: 0.1\n")
+    proc = subprocess.run([sys.executable, TRAIN, *base, *expect[0]], capture_output=True, text=True,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("fastunlearn:")]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1 and expect[1] in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_unknown_key_in_config_file(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("saddle:\n  taux: 0.1\n")
+    proc = subprocess.run([sys.executable, TRAIN, "--config", str(config)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown config key 'saddle.taux'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_help_documents_every_flag():
+    proc = subprocess.run([sys.executable, TRAIN, "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    for flag in ("--model", "--method", "--forget-prompts", "--retain-prompts", "--forget-digit", "--output-dir",
+                 "--max-steps", "--zero-stage", "--seed", "--config", "--set", "--overwrite"):
+        assert flag in proc.stdout
+    assert "default" in proc.stdout
