@@ -550,7 +550,7 @@ class Trainer:
                 idx = [i for i, q in enumerate(prompts) if q == p][:g]
                 rows.append((f"{kind}: {p}", t_imgs[kind][idx], s_imgs[kind][idx]))
         title = f"{self.cfg.method}: original vs unlearned, same seeds"
-        if "integrity_retain" in report:
+        if report.get("integrity_retain") is not None:
             title += f" (I_retain {report['integrity_retain']:.3f}, I_forget {report['integrity_forget']:.3f})"
         save_comparison_grid(self.out / "grid.png", rows, title)
         (self.out / "report.json").write_text(json.dumps(report, indent=2))
