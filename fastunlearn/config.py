@@ -44,7 +44,7 @@ class MethodConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = 0              # in-training evaluation every N steps (0: only at the end)
+    every: int = 50             # in-training evaluation every N steps (0: only at the end)
     forget_samples: int = 100   # final evaluation: samples over the forget prompts
     retain_samples_per_prompt: int = 20
     train_forget_samples: int = 30   # in-training evaluation (cheaper)

@@ -83,7 +83,7 @@ class Recipe:
     """How the world is trained. The default fits in a few minutes on 2 CPU cores."""
 
     seed: int = 0
-    classifier_steps: int = 600
+    classifier_steps: int = 1500
     vae_steps: int = 500
     vae_lr: float = 2e-3
     unet_steps: int = 2000

@@ -371,7 +371,7 @@ class Trainer:
         grads = [torch.zeros_like(p, dtype=torch.float32) for _, p in params]
         for b in range(batches):
             st = self.make_step(-100 - b, 0)
-            (s_f,) = self.student_call((st.x_f, st.t_f, st.c_f))
+            (s_f,) = self._call(module, [(st.x_f, st.t_f, st.c_f)], True)  # bypass the engine's backward hooks
             for acc, gr in zip(grads, torch.autograd.grad(mse(s_f, [st.eps_f]), [p for _, p in params])):
                 acc += gr.float().abs()
         if self.world > 1:
@@ -492,7 +492,7 @@ class Trainer:
             bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k in ("loss", "lam", "gap", "G", "R")})
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 self.log(f"step {self.step} " + " ".join(f"{k}={v:.5g}" for k, v in logs.items()))
-            if evaluator is not None and (self.step % cfg.eval.every == 0 or self.step == cfg.max_steps):
+            if evaluator is not None and self.step % cfg.eval.every == 0 and self.step < cfg.max_steps:
                 metrics, _ = self.evaluate(evaluator)
                 self.history.append({"step": self.step, **metrics, **{k: logs[k] for k in ("lam", "gap") if k in logs}})
                 self.log(f"eval step {self.step} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if v is not None))
@@ -511,6 +511,10 @@ class Trainer:
         evaluator = self.build_evaluator(final=True)
         metrics, images = self.evaluate(evaluator)
         base = evaluator.base()
+        self.history.append({"step": self.step, "final": True, **metrics})
+        if self.steps_to_converge is None and self.forgotten(metrics):
+            self.steps_to_converge = self.step
+        unet = self.final_unet()  # collective under ZeRO-3
         if self.rank != 0:
             return
         t_imgs, _ = evaluator.teacher()
@@ -534,18 +538,29 @@ class Trainer:
                           G0=self.method.g0, tau=self.method.tau)
         if hasattr(self, "mask_fraction"):
             report["salun_mask_fraction"] = self.mask_fraction
-        self.save_outputs(report, t_imgs, images, evaluator)
+        self.save_outputs(report, t_imgs, images, evaluator, unet)
 
-    def save_outputs(self, report, t_imgs, s_imgs, evaluator):
-        from fastunlearn.evaluate import save_comparison_grid
+    def final_unet(self):
+        """The trained UNet with full weights (gathered from all ranks under ZeRO-3; None off rank 0)."""
+        if self.cfg.zero_stage != 3:
+            return self.engine.module
+        state = self.engine._zero3_consolidated_16bit_state_dict()
+        if self.rank != 0:
+            return None
+        unet = copy.deepcopy(self.teacher)
+        unet.load_state_dict(state)
+        return unet
 
-        final = self.student_pipe()
-        final.save_pretrained(str(self.out), safe_serialization=True)
+    def save_outputs(self, report, t_imgs, s_imgs, evaluator, unet):
+        from fastunlearn.evaluate import save_comparison_grid, with_unet
+
+        with_unet(self.pipe, unet).save_pretrained(str(self.out), safe_serialization=True)
         rows = []
         g = self.cfg.eval.grid_seeds
         for kind in ("forget", "retain"):
             prompts = evaluator.forget[0] if kind == "forget" else evaluator.retain[0]
-            shown = list(dict.fromkeys(prompts))[: (1 if kind == "forget" else 3)]
+            unique = list(dict.fromkeys(prompts))
+            shown = unique[:1] if kind == "forget" else unique[:: max(1, len(unique) // 3)][:3]  # spread out
             for p in shown:
                 idx = [i for i, q in enumerate(prompts) if q == p][:g]
                 rows.append((f"{kind}: {p}", t_imgs[kind][idx], s_imgs[kind][idx]))

@@ -1,0 +1,53 @@
+"""End to end on the real digits world (slow; run in CI): the default command forgets the digit 3
+and keeps the other digits, in one process and as 2 DeepSpeed processes with ZeRO-2 and ZeRO-3."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = str(ROOT / "fastunlearn" / "train.py")
+
+
+def check_report(out: Path):
+    report = json.loads((out / "report.json").read_text())
+    print(json.dumps({k: report[k] for k in ("method", "steps", "forget_accuracy", "retain_accuracy",
+                                             "base_forget_accuracy", "base_retain_accuracy", "integrity_retain",
+                                             "integrity_forget", "steps_to_converge", "wall_time_s",
+                                             "world_size", "zero_stage")}))
+    assert report["forget_accuracy"] <= 0.10
+    assert abs(report["retain_accuracy"] - report["base_retain_accuracy"]) <= 0.05
+    assert report["eval"]["forget_samples"] >= 100 and report["eval"]["retain_samples"] >= 9 * 20
+    assert report["perceptual_network"] == "lpips-digits"
+    from diffusers import DiffusionPipeline
+
+    DiffusionPipeline.from_pretrained(out)
+    return report
+
+
+@pytest.mark.slow
+def test_default_command_forgets_three(digits_world, tmp_path):
+    proc = subprocess.run([sys.executable, TRAIN], cwd=tmp_path, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = check_report(tmp_path / "outputs" / "digits-saddle")
+    assert report["method"] == "saddle" and report["forget_digit"] == 3
+    assert report["wall_time_s"] <= 15 * 60
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_process_deepspeed_zero(stage, digits_world, tmp_path):
+    launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or shutil.which("deepspeed")
+    assert launcher, "the deepspeed launcher is not installed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "out"
+    proc = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(29500 + stage), TRAIN, "--config",
+                           str(ROOT / "configs" / "digits.yaml"), "--zero-stage", str(stage), "--output-dir", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=2400, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = check_report(out)
+    assert report["world_size"] == 2 and report["zero_stage"] == stage
