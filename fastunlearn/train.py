@@ -228,12 +228,13 @@ class Trainer:
         forget, retain, anchors, self.digits = resolve_prompts(cfg)
         self.out = Path(cfg.output_dir)
         check_output_dir(self.out, cfg.overwrite)
-        self.device, self.rank, self.world = init_distributed()
         if self.method.needs_full_gradient and cfg.zero_stage == 3:
             raise FastUnlearnError(f"method {cfg.method} needs full gradients/weights on every rank, which ZeRO-3 "
                                    "partitions: use --zero-stage 2")
         self.dtype = DTYPES[cfg.mixed_precision]
-        self.pipe = load_pipeline(cfg.model, torch_dtype=self.dtype, cache_dir=cfg.cache_dir).to(self.device)
+        self.pipe = load_pipeline(cfg.model, torch_dtype=self.dtype, cache_dir=cfg.cache_dir)  # bad paths fail first
+        self.device, self.rank, self.world = init_distributed()
+        self.pipe.to(self.device)
         self.forget, self.retain, self.anchors = forget, retain, anchors
         self.scheduler = self.pipe.scheduler
         self.prediction_type = self.scheduler.config.prediction_type

@@ -31,7 +31,8 @@ def check_report(out: Path):
 
 @pytest.mark.slow
 def test_default_command_forgets_three(digits_world, tmp_path):
-    proc = subprocess.run([sys.executable, TRAIN], cwd=tmp_path, capture_output=True, text=True, timeout=1800)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, TRAIN], cwd=tmp_path, capture_output=True, text=True, timeout=1800, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = check_report(tmp_path / "outputs" / "digits-saddle")
     assert report["method"] == "saddle" and report["forget_digit"] == 3
@@ -43,7 +44,8 @@ def test_default_command_forgets_three(digits_world, tmp_path):
 def test_two_process_deepspeed_zero(stage, digits_world, tmp_path):
     launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or shutil.which("deepspeed")
     assert launcher, "the deepspeed launcher is not installed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
     out = tmp_path / "out"
     proc = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(29500 + stage), TRAIN, "--config",
                            str(ROOT / "configs" / "digits.yaml"), "--zero-stage", str(stage), "--output-dir", str(out)],

@@ -1,6 +1,7 @@
 """The unlearning engine on the tiny SD 1.x / SDXL fixtures: every method, Saddle's dual variable,
 checkpoints, and the one-line errors of the command line."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,12 @@ def prompt_files(tmp_path_factory):
     (d / "forget.txt").write_text("a photo of cat\na painting of cat\n")
     (d / "retain.txt").write_text("a photo of dog\na photo of car\n")
     return d
+
+
+def clean_env():
+    """The environment without the distributed variables an in-process run of train.py sets for itself."""
+    drop = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"}
+    return {k: v for k, v in os.environ.items() if k not in drop} | {"HF_HUB_OFFLINE": "1"}
 
 
 def run_inprocess(argv):
@@ -151,7 +158,7 @@ def test_bad_input_is_one_line_error_and_leaves_no_output(case, tmp_path, tiny_s
     if case == "unknown-key":
         config.write_text("lrr: 0.1\n")
     proc = subprocess.run([sys.executable, TRAIN, *base, *expect[0]], capture_output=True, text=True,
-                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+                          env=clean_env(), timeout=300)
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("fastunlearn:")]
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(lines) == 1 and expect[1] in lines[0], proc.stderr[-2000:]
@@ -162,7 +169,8 @@ def test_bad_input_is_one_line_error_and_leaves_no_output(case, tmp_path, tiny_s
 def test_unknown_key_in_config_file(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("saddle:\n  taux: 0.1\n")
-    proc = subprocess.run([sys.executable, TRAIN, "--config", str(config)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, TRAIN, "--config", str(config)], capture_output=True, text=True, timeout=120,
+                          env=clean_env())
     assert proc.returncode == 2 and "unknown config key 'saddle.taux'" in proc.stderr and "Traceback" not in proc.stderr
 
 
