@@ -66,7 +66,8 @@ class TrainConfig:
     anchor_prompts: Any = None       # one per forget prompt, or a single one for all
     forget_digit: int = 3            # digits world only, when forget_prompts is not given
     forget_target: str = "esd"
-    data_dir: str | None = None      # data mode: an image folder with metadata.jsonl ({file_name, text, split})
+    forget_data_dir: str | None = None  # data mode: an image folder with metadata.jsonl ({"file_name", "text"})
+    retain_data_dir: str | None = None  # data mode for the retain set (else data-free from retain_prompts)
     output_dir: str = "outputs/digits-saddle"
     overwrite: bool = False
     max_steps: int = 400

@@ -160,6 +160,19 @@ def resolve_prompts(cfg: TrainConfig):
     """(forget, retain, anchors, digits-info). The digits world has defaults from --forget-digit."""
     forget = read_prompts(cfg.forget_prompts, "forget prompt")
     retain = read_prompts(cfg.retain_prompts, "retain prompt")
+    for which, folder in (("forget", cfg.forget_data_dir), ("retain", cfg.retain_data_dir)):
+        if folder:
+            from fastunlearn.data import read_image_folder
+
+            captions = list(dict.fromkeys(read_image_folder(folder, which)[1]))
+            if which == "forget":
+                if forget is not None:
+                    raise FastUnlearnError("give forget prompts or a forget image folder (its captions), not both")
+                forget = captions
+            else:
+                if retain is not None:
+                    raise FastUnlearnError("give retain prompts or a retain image folder (its captions), not both")
+                retain = captions
     digits = None
     if cfg.model == "digits":
         from fastunlearn.digits import digit_of_prompt, digit_prompts
@@ -250,18 +263,17 @@ class Trainer:
         self.student.train()
         self.cond = Conditioner(self.pipe, forget + retain + anchors, self.device, self.dtype)
 
-        # data (data-free: teacher samples, cached once per prompt set and model)
+        # data: x_0 latents per row with the prompt of each row; images (data mode) or teacher samples (data-free)
         key = fingerprint(self.teacher, {"model": cfg.model, "steps": cfg.sample_steps, "g": cfg.eval.guidance_scale})
         self.fingerprint = key
-        lat_f = teacher_latents(self.pipe, forget, cfg.forget_samples_per_prompt, cfg.sample_steps,
-                                cfg.eval.guidance_scale, f"{key}-f-{_hash(forget, cfg.forget_samples_per_prompt)}", cfg, self.rank)
-        lat_r = (teacher_latents(self.pipe, retain, cfg.retain_samples_per_prompt, cfg.sample_steps,
-                                 cfg.eval.guidance_scale, f"{key}-r-{_hash(retain, cfg.retain_samples_per_prompt)}", cfg, self.rank)
-                 if retain else None)
-        self.lat_f, self.ids_f = lat_f, self.cond.ids([p for p in forget for _ in range(cfg.forget_samples_per_prompt)])
-        self.anchor_ids = self.cond.ids([a for a in anchors for _ in range(cfg.forget_samples_per_prompt)])
-        self.lat_r = lat_r
-        self.ids_r = self.cond.ids([p for p in retain for _ in range(cfg.retain_samples_per_prompt)]) if retain else None
+        self.lat_f, rows_f = self.latents("forget", forget, cfg.forget_data_dir, cfg.forget_samples_per_prompt, key)
+        self.ids_f = self.cond.ids(rows_f)
+        anchor_of = dict(zip(forget, anchors))
+        self.anchor_ids = self.cond.ids([anchor_of[p] for p in rows_f])
+        self.lat_r, self.ids_r = None, None
+        if retain:
+            self.lat_r, rows_r = self.latents("retain", retain, cfg.retain_data_dir, cfg.retain_samples_per_prompt, key)
+            self.ids_r = self.cond.ids(rows_r)
 
         import deepspeed
 
@@ -279,6 +291,19 @@ class Trainer:
         self.history = []
         self.evaluator = None
         self.steps_to_converge = None
+
+    def latents(self, which, prompts, folder, per_prompt, key):
+        """(x_0 latents (N, C, h, w) fp32 CPU, the prompt of each row)."""
+        if folder:
+            from fastunlearn.data import encode_latents, load_images, read_image_folder
+
+            paths, captions = read_image_folder(folder, which)
+            size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+            return encode_latents(self.pipe, load_images(paths, size)), captions
+        lat = teacher_latents(self.teacher_pipe(), prompts, per_prompt, self.cfg.sample_steps,
+                              self.cfg.eval.guidance_scale, f"{key}-{which[0]}-{_hash(prompts, per_prompt)}",
+                              self.cfg, self.rank)
+        return lat, [p for p in prompts for _ in range(per_prompt)]
 
     # ---- model calls -----------------------------------------------------------------------------
     def _call(self, model, items, grad):

@@ -181,3 +181,57 @@ def test_help_documents_every_flag():
                  "--max-steps", "--zero-stage", "--seed", "--config", "--set", "--overwrite"):
         assert flag in proc.stdout
     assert "default" in proc.stdout
+
+
+def _image_folder(path, captions, sizes=None):
+    from PIL import Image
+
+    path.mkdir(parents=True)
+    rows = []
+    for i, text in enumerate(captions):
+        size = sizes[i] if sizes else (16, 16)
+        rng = torch.Generator().manual_seed(i)
+        arr = (torch.rand(size[1], size[0], 3, generator=rng) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(path / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": text}))
+    (path / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_data_mode_trains_from_captioned_images(tiny_sd_path, prompt_files, tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTUNLEARN_CACHE", str(tmp_path / "cache"))
+    forget = _image_folder(tmp_path / "forget", ["a photo of cat", "a photo of cat", "a painting of cat"])
+    out = tmp_path / "out"
+    run_inprocess(["--model", str(tiny_sd_path), "--method", "ovw", "--retain-prompts",
+                   str(prompt_files / "retain.txt"), "--output-dir", str(out), "--set", f"forget_data_dir={forget}",
+                   *TINY])
+    report = json.loads((out / "report.json").read_text())
+    assert report["forget_prompts"] == ["a photo of cat", "a painting of cat"]
+
+
+@pytest.mark.parametrize("case", ["no-caption", "mixed-sizes"])
+def test_data_mode_bad_folders(case, tiny_sd_path, prompt_files, tmp_path):
+    if case == "no-caption":
+        folder = _image_folder(tmp_path / "forget", ["a photo of cat", ""])
+        expect = "has no caption"
+    else:
+        folder = _image_folder(tmp_path / "forget", ["a photo of cat", "a painting of cat"], sizes=[(16, 16), (20, 16)])
+        expect = "mixed sizes"
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, TRAIN, "--model", str(tiny_sd_path), "--retain-prompts",
+                           str(prompt_files / "retain.txt"), "--output-dir", str(out), "--set",
+                           f"forget_data_dir={folder}", *TINY], capture_output=True, text=True, env=clean_env(),
+                          timeout=300)
+    assert proc.returncode == 2 and expect in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert not out.exists()
+
+
+def test_bf16_and_gradient_checkpointing_switches(tiny_sd_path, prompt_files, tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTUNLEARN_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    run_inprocess(["--model", str(tiny_sd_path), "--method", "saddle", "--forget-prompts",
+                   str(prompt_files / "forget.txt"), "--retain-prompts", str(prompt_files / "retain.txt"),
+                   "--output-dir", str(out), "--set", "mixed_precision=bf16", "--set", "gradient_checkpointing=true",
+                   "--zero-stage", "2", *TINY])
+    report = json.loads((out / "report.json").read_text())
+    assert report["mixed_precision"] == "bf16" and report["zero_stage"] == 2
