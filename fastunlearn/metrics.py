@@ -43,30 +43,66 @@ class DigitsPerceptual(torch.nn.Module):
         return lpips_distance(f0, f1, [w.to(f0[0].device) for w in self.lin_weights])
 
 
-class PackageLPIPS(torch.nn.Module):
-    """LPIPS v0.1 through the `lpips` package; needs the torchvision backbone weights locally."""
+TORCHVISION_FILES = {"alex": ("alexnet", "alexnet-owt-7be5be79.pth"), "vgg": ("vgg16", "vgg16-397923af.pth"),
+                      "squeeze": ("squeezenet1_1", "squeezenet1_1-b8a52dc0.pth")}
 
-    def __init__(self, net: str = "alex"):
+
+class LPIPS(torch.nn.Module):
+    """LPIPS v0.1 (the `lpips` package's linear weights) with a cacheable `features` step and a fused
+    `distance` step (`fastunlearn.ops.lpips_distance`). Equals `lpips.LPIPS(net=...)` given the same
+    backbone weights.
+
+    backbone_weights: a torchvision state dict file of the backbone (alexnet / vgg16 / squeezenet1_1);
+    default: torchvision's file in the local torch hub cache. Nothing is downloaded.
+    """
+
+    def __init__(self, net: str = "alex", backbone_weights: str | None = None):
         super().__init__()
+        import os
+
         import lpips
+        import torchvision
 
+        if net not in TORCHVISION_FILES:
+            raise FastUnlearnError(f"unknown LPIPS network {net!r}; choose one of alex, vgg, squeeze")
+        arch, filename = TORCHVISION_FILES[net]
+        if backbone_weights is None:
+            backbone_weights = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+            if not os.path.isfile(backbone_weights):
+                raise FastUnlearnError(
+                    f"LPIPS-{net} needs torchvision's pretrained {arch} weights: put {filename} in "
+                    f"{os.path.dirname(backbone_weights)} or pass backbone_weights=PATH")
+        elif not os.path.isfile(backbone_weights):
+            raise FastUnlearnError(f"backbone weights file {backbone_weights} does not exist")
         self.name = f"lpips-{net}"
+        self.net_name = net
+        ref = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)  # linear weights from the package, no download
+        tv = getattr(torchvision.models, arch)(weights=None)
         try:
-            self.model = lpips.LPIPS(net=net, verbose=False).eval().requires_grad_(False)
-        except Exception as exc:  # torchvision tries to download the backbone and fails offline
-            raise FastUnlearnError(
-                f"LPIPS {net} needs torchvision's pretrained {net} weights in the local torch cache "
-                f"(~/.cache/torch/hub/checkpoints), which are not there ({type(exc).__name__}); "
-                "copy them there from a machine with network access") from None
+            tv.load_state_dict(torch.load(backbone_weights, map_location="cpu", weights_only=True))
+        except Exception as exc:
+            raise FastUnlearnError(f"cannot load {arch} weights from {backbone_weights}: {exc}") from None
+        for sl in (getattr(ref.net, f"slice{i}") for i in range(1, ref.L + 1)):
+            for idx, module in sl.named_children():  # lpips keeps torchvision's feature indices as names
+                module.load_state_dict(tv.features[int(idx)].state_dict())
+        self.scaling_layer = ref.scaling_layer
+        self.net = ref.net
+        self.lin_weights = torch.nn.ParameterList(
+            [torch.nn.Parameter(lin.model[-1].weight.detach().flatten().clone(), requires_grad=False) for lin in ref.lins])
+        self.eval().requires_grad_(False)
 
-    @torch.no_grad()
-    def features(self, images):
-        x = self.model.scaling_layer(images * 2 - 1)
-        return list(self.model.net(x))
+    def features(self, images: torch.Tensor, normalize: bool = True) -> list[torch.Tensor]:
+        """Backbone feature maps. images: (B, 3, H, W) in [0, 1] (normalize=True) or [-1, 1]."""
+        x = images * 2 - 1 if normalize else images
+        return list(self.net(self.scaling_layer(x)))
 
-    def distance(self, f0, f1):
-        weights = [lin.model[-1].weight.flatten() for lin in self.model.lins]
-        return lpips_distance(f0, f1, weights)
+    def distance(self, f0, f1) -> torch.Tensor:
+        return lpips_distance(f0, f1, list(self.lin_weights))
+
+    def forward(self, in0, in1, normalize: bool = False) -> torch.Tensor:
+        """(B, 1, 1, 1) like `lpips.LPIPS.forward`; inputs in [-1, 1], or [0, 1] with normalize=True."""
+        d = self.distance(self.features(in0, normalize), self.features(in1, normalize))
+        return d.view(-1, 1, 1, 1)
 
 
 def integrity(perceptual, teacher_images: torch.Tensor, student_images: torch.Tensor, teacher_features=None,

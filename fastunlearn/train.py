@@ -434,9 +434,9 @@ class Trainer:
         retain = ([p for p in self.retain for _ in range(n_r)], [s for _ in self.retain for s in range(n_r)])
         perceptual = None
         try:
-            from fastunlearn.metrics import PackageLPIPS
+            from fastunlearn.metrics import LPIPS
 
-            perceptual = PackageLPIPS("alex")
+            perceptual = LPIPS("alex")
         except FastUnlearnError as exc:
             self.notes.append(f"integrity not computed: {exc}")
         return Evaluator(self.teacher_pipe(), forget, retain, sampler, perceptual)
