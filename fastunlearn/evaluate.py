@@ -11,7 +11,7 @@ import inspect
 import torch
 import torch.distributed as dist
 
-from .metrics import integrity
+from .metrics import paired_distance
 from .sampling import SamplerConfig, sample
 
 
@@ -84,7 +84,7 @@ class Evaluator:
                "integrity_forget_ci95": None}
         if self.perceptual is not None:
             for k in ("retain", "forget"):
-                res = integrity(self.perceptual, t_imgs[k], s_imgs[k], t_feats[k])
+                res = paired_distance(self.perceptual, t_imgs[k], s_imgs[k], t_feats[k])
                 out[f"integrity_{k}"], out[f"integrity_{k}_ci95"] = res["mean"], res["ci95"]
         if self.classifier is not None:
             out.update(self.accuracy(s_imgs["forget"], s_imgs["retain"]))
@@ -116,3 +116,98 @@ def save_comparison_grid(path, rows, title=None):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _compatible(a, b) -> None:
+    """Refuse to compare pipelines that cannot draw comparable images from the same noise."""
+    from .errors import FastUnlearnError
+
+    if type(a.scheduler).__name__ != type(b.scheduler).__name__:
+        raise FastUnlearnError(f"the pipelines have different schedulers ({type(a.scheduler).__name__} vs "
+                               f"{type(b.scheduler).__name__}): their images are not comparable")
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type", "timestep_spacing")
+    for k in keys:
+        if a.scheduler.config.get(k) != b.scheduler.config.get(k):
+            raise FastUnlearnError(f"the pipelines' schedulers differ in {k} ({a.scheduler.config.get(k)!r} vs "
+                                   f"{b.scheduler.config.get(k)!r}): their images are not comparable")
+    size = [p.unet.config.sample_size * p.vae_scale_factor for p in (a, b)]
+    if size[0] != size[1] or a.unet.config.in_channels != b.unet.config.in_channels:
+        raise FastUnlearnError(f"the pipelines draw different image sizes ({size[0]} vs {size[1]} px): "
+                               "their images are not comparable")
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+    from pathlib import Path
+
+    from .errors import FastUnlearnError, cli_errors
+    from .metrics import LPIPS, DigitsPerceptual, integrity
+    from .models import load_pipeline
+    from .sampling import SamplerConfig
+
+    @cli_errors
+    def run():
+        p = argparse.ArgumentParser(prog="python -m fastunlearn.evaluate", description=(
+            "Integrity I between an original and an unlearned diffusers pipeline: LPIPS between the images both "
+            "draw from the same prompts and the same initial noise. Writes report.json and grid.png."))
+        p.add_argument("--original", required=True, help="the original pipeline (folder, cached hub id, or 'digits')")
+        p.add_argument("--unlearned", required=True, help="the unlearned pipeline (folder or cached hub id)")
+        p.add_argument("--prompts", action="append", default=None,
+                       help="a prompt file (one per line) or a prompt; repeatable (default: digits world prompts)")
+        p.add_argument("--seeds", type=int, default=4, help="seeds per prompt (default: %(default)s)")
+        p.add_argument("--steps", type=int, default=25, help="DDIM steps (default: %(default)s)")
+        p.add_argument("--guidance-scale", type=float, default=None, help="default: 4.0 (digits), 7.5 (others)")
+        p.add_argument("--perceptual", default=None, help="alex | vgg | squeeze | digits (default: digits for the "
+                                                           "digits world, else alex)")
+        p.add_argument("--backbone-weights", default=None, help="torchvision backbone weights file for LPIPS")
+        p.add_argument("--out", default="outputs/evaluate", help="output folder (default: %(default)s)")
+        p.add_argument("--cache-dir", default=None, help="cache directory (default: $FASTUNLEARN_CACHE)")
+        args = p.parse_args(argv)
+        from .config import read_prompts
+
+        original = load_pipeline(args.original, cache_dir=args.cache_dir)
+        unlearned = load_pipeline(args.unlearned, cache_dir=args.cache_dir)
+        _compatible(original, unlearned)
+        digits = args.original == "digits" or (Path(args.original) / ".." / "world.json").is_file()
+        prompts = [q for item in (args.prompts or []) for q in read_prompts(item, "prompt")]
+        if not prompts:
+            if not digits:
+                raise FastUnlearnError("give --prompts FILE (one prompt per line)")
+            from .digits import digit_prompts
+
+            prompts = [digit_prompts(d)[0] for d in range(10)]
+        if args.seeds < 1:
+            raise FastUnlearnError("--seeds must be at least 1")
+        kind = args.perceptual or ("digits" if digits else "alex")
+        if kind == "digits":
+            from .digits import load_world
+
+            perceptual = DigitsPerceptual(load_world(args.cache_dir, progress=False).classifier)
+        else:
+            perceptual = LPIPS(kind, backbone_weights=args.backbone_weights)
+        guidance = args.guidance_scale if args.guidance_scale is not None else (4.0 if digits else 7.5)
+        sampler = SamplerConfig(args.steps, guidance)
+        pairs = [(q, s) for q in prompts for s in range(args.seeds)]
+        res = integrity(original, unlearned, [q for q, _ in pairs], [s for _, s in pairs], sampler, perceptual,
+                        cache_dir=args.cache_dir)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        per_prompt = {q: float(res["values"][[i for i, (r, _) in enumerate(pairs) if r == q]].mean()) for q in prompts}
+        report = {"original": args.original, "unlearned": args.unlearned, "integrity": res["mean"],
+                  "integrity_ci95": res["ci95"], "perceptual_network": res["perceptual"], "samples": len(pairs),
+                  "sampler": sampler.to_dict(), "integrity_per_prompt": per_prompt}
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+        rows = [(q, res["teacher_images"][[i for i, (r, _) in enumerate(pairs) if r == q]][:6],
+                 res["student_images"][[i for i, (r, _) in enumerate(pairs) if r == q]][:6]) for q in prompts[:6]]
+        save_comparison_grid(out / "grid.png", rows, f"I = {res['mean']:.4f} ± {res['ci95']:.4f} ({res['perceptual']})")
+        print(f"I = {res['mean']:.4f} ± {res['ci95']:.4f} ({res['perceptual']}, {len(pairs)} samples); wrote {out}")
+        return 0
+
+    return run()
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

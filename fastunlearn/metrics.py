@@ -93,6 +93,9 @@ class LPIPS(torch.nn.Module):
 
     def features(self, images: torch.Tensor, normalize: bool = True) -> list[torch.Tensor]:
         """Backbone feature maps. images: (B, 3, H, W) in [0, 1] (normalize=True) or [-1, 1]."""
+        if min(images.shape[-2:]) < 32:
+            raise FastUnlearnError(f"images of {images.shape[-2]}x{images.shape[-1]} px are too small for "
+                                   f"{self.name} (at least 32 px a side)")
         x = images * 2 - 1 if normalize else images
         return list(self.net(self.scaling_layer(x)))
 
@@ -105,11 +108,11 @@ class LPIPS(torch.nn.Module):
         return d.view(-1, 1, 1, 1)
 
 
-def integrity(perceptual, teacher_images: torch.Tensor, student_images: torch.Tensor, teacher_features=None,
-              batch_size: int = 256) -> dict:
+def paired_distance(perceptual, teacher_images: torch.Tensor, student_images: torch.Tensor, teacher_features=None,
+                    batch_size: int = 256) -> dict:
     """Per-sample LPIPS between paired images (N, 3, H, W in [0, 1]); returns mean, ci95 and values."""
     if teacher_images.shape != student_images.shape:
-        raise FastUnlearnError(f"integrity: teacher images {tuple(teacher_images.shape)} and student images "
+        raise FastUnlearnError(f"paired_distance: teacher images {tuple(teacher_images.shape)} and student images "
                                f"{tuple(student_images.shape)} differ in shape")
     values = []
     for i in range(0, len(student_images), batch_size):
@@ -120,3 +123,71 @@ def integrity(perceptual, teacher_images: torch.Tensor, student_images: torch.Te
     values = torch.cat(values)
     mean, half = mean_ci95(values)
     return {"mean": mean, "ci95": half, "values": values}
+
+
+def _pipeline_fingerprint(pipe) -> str:
+    from .models import fingerprint
+
+    mods = [pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]
+    return fingerprint(mods, {"scheduler": dict(pipe.scheduler.config), "class": type(pipe).__name__})
+
+
+def integrity(teacher, student, prompts, seeds, sampler=None, perceptual=None, cache_dir=None, batch_size: int = 64,
+              progress: bool = True) -> dict:
+    """The integrity metric I (SPEC §4) between two diffusers pipelines, for each (prompts[i], seeds[i]).
+
+    Both pipelines sample with DDIM (eta = 0) from the same CPU-drawn initial latent per (prompt, seed).
+    The teacher's images and perceptual features are cached on disk, keyed by a fingerprint of the
+    teacher's weights and scheduler, the prompt, the seed, the sampler config and the perceptual network:
+    a repeated call samples only the student. Returns {"mean", "ci95", "values", "perceptual"}.
+    """
+    import hashlib
+    import json
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    from .paths import cache_root, ensure_writable_dir
+    from .sampling import SamplerConfig, sample
+
+    sampler = sampler or SamplerConfig()
+    perceptual = perceptual or LPIPS("alex")
+    prompts, seeds = list(prompts), list(seeds)
+    if not prompts or len(prompts) != len(seeds):
+        raise FastUnlearnError(f"integrity needs one seed per prompt and at least one pair, got {len(prompts)} "
+                               f"prompts and {len(seeds)} seeds")
+    base = json.dumps([_pipeline_fingerprint(teacher), sampler.to_dict(), perceptual.name], sort_keys=True)
+    folder = ensure_writable_dir(cache_root(cache_dir) / "teacher-samples" / hashlib.sha256(base.encode()).hexdigest()[:20])
+
+    def entry(p, s):
+        return folder / (hashlib.sha256(f"{p}\x00{s}".encode()).hexdigest()[:24] + ".safetensors")
+
+    cached = {}
+    for i, (p, s) in enumerate(zip(prompts, seeds)):
+        try:
+            cached[i] = load_file(str(entry(p, s)))
+        except Exception:  # missing or partial: sample it again
+            pass
+    missing = [i for i in range(len(prompts)) if i not in cached]
+    if missing:
+        imgs = sample(teacher, [prompts[i] for i in missing], [seeds[i] for i in missing], sampler, batch_size,
+                      progress="teacher" if progress else False)
+        feats = perceptual.features(imgs)
+        for j, i in enumerate(missing):
+            item = {"image": imgs[j].contiguous(), **{f"f{k}": f[j].contiguous() for k, f in enumerate(feats)}}
+            tmp = entry(prompts[i], seeds[i]).with_suffix(f".tmp-{os.getpid()}")
+            save_file(item, str(tmp))
+            os.replace(tmp, entry(prompts[i], seeds[i]))
+            cached[i] = item
+    t_imgs = torch.stack([cached[i]["image"] for i in range(len(prompts))])
+    n_layers = sum(1 for k in cached[0] if k.startswith("f"))
+    t_feats = [torch.stack([cached[i][f"f{k}"] for i in range(len(prompts))]) for k in range(n_layers)]
+    s_imgs = sample(student, prompts, seeds, sampler, batch_size, progress="student" if progress else False)
+    if s_imgs.shape != t_imgs.shape:
+        raise FastUnlearnError(f"the two pipelines draw images of different sizes: {tuple(t_imgs.shape[1:])} and "
+                               f"{tuple(s_imgs.shape[1:])}")
+    out = paired_distance(perceptual, t_imgs, s_imgs, t_feats)
+    out["perceptual"] = perceptual.name
+    out["teacher_images"], out["student_images"] = t_imgs, s_imgs
+    out["teacher_sampled"] = len(missing)
+    return out

@@ -437,7 +437,11 @@ class Trainer:
             from fastunlearn.metrics import LPIPS
 
             perceptual = LPIPS("alex")
+            size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+            if size < 32:
+                raise FastUnlearnError(f"{size} px images are too small for LPIPS-alex")
         except FastUnlearnError as exc:
+            perceptual = None
             self.notes.append(f"integrity not computed: {exc}")
         return Evaluator(self.teacher_pipe(), forget, retain, sampler, perceptual)
 
