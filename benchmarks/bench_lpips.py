@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 
+import bench_common as bc
 import torch
 
-import bench_common as bc
 from fastunlearn import ops
 from fastunlearn.ops import lpips_distance_reference
 

@@ -5,8 +5,15 @@ import sys
 import pytest
 import torch
 
-from fastunlearn.digits import (FAST_RECIPE, digit_of_prompt, digit_prompts, ensure_world, load_world,
-                                prompt_words, world_problem)
+from fastunlearn.digits import (
+    FAST_RECIPE,
+    digit_of_prompt,
+    digit_prompts,
+    ensure_world,
+    load_world,
+    prompt_words,
+    world_problem,
+)
 from fastunlearn.errors import FastUnlearnError
 from fastunlearn.tokenizer import build_clip_tokenizer, check_tokenizer
 

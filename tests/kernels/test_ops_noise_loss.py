@@ -1,7 +1,8 @@
 """noise_prediction_loss: the C++ op and the Triton kernel (interpreter) against the reference."""
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kernel_test_utils import DTYPES, KERNEL_BACKENDS, assert_close, noncontiguous, require_interpreter
 
 from fastunlearn import ops
