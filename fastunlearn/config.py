@@ -86,6 +86,7 @@ class TrainConfig:
     retain_samples_per_prompt: int = 10
     sample_steps: int = 25           # data-free mode: DDIM steps for the teacher samples
     checkpoint_every: int = 100
+    keep_checkpoints: int = 1        # DeepSpeed checkpoints kept in output_dir/checkpoints (newest first)
     log_every: int = 10
     cache_dir: str | None = None
     saddle: SaddleConfig = field(default_factory=SaddleConfig)
@@ -106,7 +107,7 @@ class TrainConfig:
         if self.method_args.retain_target not in ("teacher", "noise"):
             raise FastUnlearnError("method_args.retain_target must be teacher or noise")
         for name in ("max_steps", "forget_batch_size", "retain_batch_size", "gradient_accumulation_steps",
-                     "forget_samples_per_prompt", "retain_samples_per_prompt", "sample_steps"):
+                     "forget_samples_per_prompt", "retain_samples_per_prompt", "sample_steps", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise FastUnlearnError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.forget_digit <= 9:

@@ -470,7 +470,14 @@ class Trainer:
     def save_checkpoint(self):
         state = {"step": self.step, "method": self.method.state_dict(), "history": self.history,
                  "steps_to_converge": self.steps_to_converge, "torch_rng": torch.get_rng_state()}
-        self.engine.save_checkpoint(str(self.out / "checkpoints"), tag=f"step-{self.step}", client_state=state)
+        ckpt = self.out / "checkpoints"
+        self.engine.save_checkpoint(str(ckpt), tag=f"step-{self.step}", client_state=state)
+        if self.world > 1:
+            dist.barrier()
+        if self.rank == 0:  # keep the newest `keep_checkpoints`: SDXL optimizer states are tens of GB each
+            tags = sorted((p for p in ckpt.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
+            for old in tags[: max(0, len(tags) - self.cfg.keep_checkpoints)]:
+                shutil.rmtree(old, ignore_errors=True)
 
     def maybe_resume(self) -> bool:
         ckpt = self.out / "checkpoints"

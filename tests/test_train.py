@@ -105,7 +105,8 @@ def test_checkpoint_restores_saddle_state_optimizer_step_and_rng(tiny_sd_path, p
         a.engine.step()
         a.step += 1
         a.method.after_step({k: float(v) for k, v in terms.items()}, a.step)
-    a.save_checkpoint()
+        a.save_checkpoint()  # at steps 1 and 2: only the newest is kept
+    assert [p.name for p in (a.out / "checkpoints").glob("step-*")] == ["step-2"]
     rng = torch.get_rng_state()
     saved_state = a.method.state_dict()
     saved_weights = {k: v.clone() for k, v in a.engine.module.state_dict().items()}
