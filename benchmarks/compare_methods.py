@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+"""Every method on the digits world with the same seed, data and step budget.
+
+    python benchmarks/compare_methods.py                       # all methods, 400 steps (~25 min, 2 cores)
+    python benchmarks/compare_methods.py --methods saddle,ovw --max-steps 200
+
+Each method runs `fastunlearn/train.py` in its own process; the table (Markdown) and a plot of
+I_retain against forget_accuracy over training (one line per method) go to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["saddle", "ovw", "esd", "ga", "erasediff", "salun", "ca"]
+
+
+def fmt(x, digits=3):
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def run_method(method: str, args) -> dict:
+    out = Path(args.out) / method
+    cmd = [sys.executable, str(ROOT / "fastunlearn" / "train.py"), "--method", method, "--max-steps",
+           str(args.max_steps), "--seed", str(args.seed), "--forget-digit", str(args.forget_digit),
+           "--output-dir", str(out), "--overwrite", "--set", f"eval.every={args.eval_every}", *args.extra]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.exit(f"compare: {method} failed:\n{proc.stderr[-3000:]}")
+    report = json.loads((out / "report.json").read_text())
+    report["process_wall_s"] = round(time.time() - t0, 1)
+    return report
+
+
+def table(reports: list[dict]) -> str:
+    lines = ["| method | forget acc | retain acc (base) | I_retain ± 95 % | I_forget | FID | steps_to_converge | "
+             "I_retain at convergence | wall time (s) |", "|---" * 9 + "|"]
+    for r in reports:
+        at_conv = next((h.get("integrity_retain") for h in r["history"] if h["step"] == r["steps_to_converge"]), None)
+        lines.append(
+            f"| {r['method']} | {fmt(r['forget_accuracy'], 2)} | {fmt(r['retain_accuracy'], 3)} "
+            f"({fmt(r['base_retain_accuracy'], 3)}) | {fmt(r['integrity_retain'])} ± {fmt(r['integrity_retain_ci95'])} | "
+            f"{fmt(r['integrity_forget'])} | not measured | {r['steps_to_converge'] if r['steps_to_converge'] is not None else '—'} | "
+            f"{fmt(at_conv)} | {r['wall_time_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(reports: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for r in reports:
+        pts = [(h["forget_accuracy"], h["integrity_retain"]) for h in r["history"] if not h.get("final")]
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o", ms=3, label=r["method"])
+            ax.annotate(f"{r['history'][-2]['step'] if len(r['history']) > 1 else ''}", (xs[-1], ys[-1]), fontsize=6)
+    ax.set_xlabel("forget accuracy (share of forget samples read as the digit; lower = forgotten)")
+    ax.set_ylabel("I_retain (lpips-digits; lower = integrity kept)")
+    ax.set_title("digits world: integrity vs forgetting over training (in-training evaluations)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: all)")
+    p.add_argument("--max-steps", type=int, default=400)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--forget-digit", type=int, default=3)
+    p.add_argument("--out", default="outputs/compare", help="runs, table.md and curves.png go here")
+    p.add_argument("extra", nargs="*", help="extra train.py arguments after --, e.g. -- --set lr=1e-4")
+    args = p.parse_args()
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        sys.exit(f"compare: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    reports = []
+    for m in methods:
+        print(f"compare: running {m} ...", flush=True)
+        reports.append(run_method(m, args))
+    md = table(reports)
+    (out / "table.md").write_text(md + "\n")
+    (out / "reports.json").write_text(json.dumps(reports, indent=2))
+    plot(reports, out / "curves.png")
+    print(md)
+    print(f"wrote {out / 'table.md'} and {out / 'curves.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
