@@ -41,14 +41,14 @@ def run_method(method: str, args) -> dict:
 
 
 def table(reports: list[dict]) -> str:
-    lines = ["| method | forget acc | retain acc (base) | I_retain ± 95 % | I_forget | FID | steps_to_converge | "
+    lines = ["| method | forget acc | retain acc (base) | I_retain ± 95 % | I_forget | FID (fid-digits, retain) | steps_to_converge | "
              "I_retain at convergence | wall time (s) |", "|---" * 9 + "|"]
     for r in reports:
         at_conv = next((h.get("integrity_retain") for h in r["history"] if h["step"] == r["steps_to_converge"]), None)
         lines.append(
             f"| {r['method']} | {fmt(r['forget_accuracy'], 2)} | {fmt(r['retain_accuracy'], 3)} "
             f"({fmt(r['base_retain_accuracy'], 3)}) | {fmt(r['integrity_retain'])} ± {fmt(r['integrity_retain_ci95'])} | "
-            f"{fmt(r['integrity_forget'])} | not measured | {r['steps_to_converge'] if r['steps_to_converge'] is not None else '—'} | "
+            f"{fmt(r['integrity_forget'])} | {fmt(r.get('fid_retain'), 2)} | {r['steps_to_converge'] if r['steps_to_converge'] is not None else '—'} | "
             f"{fmt(at_conv)} | {r['wall_time_s']:.0f} |")
     return "\n".join(lines)
 

@@ -11,7 +11,7 @@ import inspect
 import torch
 import torch.distributed as dist
 
-from .metrics import paired_distance
+from .metrics import frechet_distance, paired_distance
 from .sampling import SamplerConfig, sample
 
 
@@ -47,12 +47,13 @@ class Evaluator:
     """Fixed (prompt, seed) sets for forget and retain; `labels_*` (digits world) enable accuracy."""
 
     def __init__(self, teacher_pipe, forget, retain, sampler: SamplerConfig, perceptual=None, classifier=None,
-                 forget_label=None, retain_labels=None):
+                 forget_label=None, retain_labels=None, real_retain=None):
         self.teacher_pipe, self.sampler = teacher_pipe, sampler
         self.forget, self.retain = forget, retain  # (prompts, seeds)
         self.perceptual, self.classifier = perceptual, classifier
         self.forget_label = forget_label
         self.retain_labels = torch.tensor(retain_labels) if retain_labels is not None else None
+        self.real_retain = real_retain  # (N, 3, H, W) in [0, 1]: real images of the retain concepts, if any
         self._teacher = None
 
     def teacher(self):
@@ -73,7 +74,11 @@ class Evaluator:
         if self.classifier is None:
             return {}
         acc = self.accuracy(imgs["forget"], imgs["retain"])
-        return {"base_forget_accuracy": acc["forget_accuracy"], "base_retain_accuracy": acc["retain_accuracy"]}
+        out = {"base_forget_accuracy": acc["forget_accuracy"], "base_retain_accuracy": acc["retain_accuracy"]}
+        if self.real_retain is not None and hasattr(self.perceptual, "embed"):  # scale: the teacher against real data
+            out["fid_teacher_vs_real"] = frechet_distance(self.perceptual.embed(self.real_retain),
+                                                          self.perceptual.embed(imgs["retain"]))
+        return out
 
     @torch.no_grad()
     def evaluate(self, student_pipe) -> tuple[dict, dict]:
@@ -88,6 +93,10 @@ class Evaluator:
                 out[f"integrity_{k}"], out[f"integrity_{k}_ci95"] = res["mean"], res["ci95"]
         if self.classifier is not None:
             out.update(self.accuracy(s_imgs["forget"], s_imgs["retain"]))
+        if hasattr(self.perceptual, "embed"):
+            out["fid_retain"] = frechet_distance(self.perceptual.embed(t_imgs["retain"]),
+                                                 self.perceptual.embed(s_imgs["retain"]))
+            out["fid_network"] = "fid-digits"
         return out, s_imgs
 
 

@@ -24,6 +24,22 @@ def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
     return float(v.mean()), half
 
 
+def frechet_distance(f0: torch.Tensor, f1: torch.Tensor) -> float:
+    """FID between two feature sets (N, D): |mu0 - mu1|^2 + Tr(S0 + S1 - 2 (S0 S1)^1/2)."""
+    import numpy as np
+    from scipy import linalg
+
+    a, b = f0.double().cpu().numpy(), f1.double().cpu().numpy()
+    mu0, mu1 = a.mean(0), b.mean(0)
+    s0, s1 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean, _ = linalg.sqrtm(s0 @ s1, disp=False)
+    if not np.isfinite(covmean).all():  # near-singular product: regularise as pytorch-fid does
+        eps = np.eye(s0.shape[0]) * 1e-6
+        covmean = linalg.sqrtm((s0 + eps) @ (s1 + eps))
+    covmean = covmean.real
+    return float(((mu0 - mu1) ** 2).sum() + np.trace(s0) + np.trace(s1) - 2 * np.trace(covmean))
+
+
 class DigitsPerceptual(torch.nn.Module):
     """`lpips-digits`: the digit classifier's three conv maps with uniform (all-ones) channel weights."""
 
@@ -41,6 +57,11 @@ class DigitsPerceptual(torch.nn.Module):
 
     def distance(self, f0, f1) -> torch.Tensor:
         return lpips_distance(f0, f1, [w.to(f0[0].device) for w in self.lin_weights])
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 64) globally pooled last conv features: the `fid-digits` embedding. images in [0, 1]."""
+        return self.classifier.features(images * 2 - 1)[-1].mean((2, 3))
 
 
 TORCHVISION_FILES = {"alex": ("alexnet", "alexnet-owt-7be5be79.pth"), "vgg": ("vgg16", "vgg16-397923af.pth"),

@@ -291,6 +291,7 @@ class Trainer:
         self.history = []
         self.evaluator = None
         self.steps_to_converge = None
+        self.notes = []
 
     def latents(self, which, prompts, folder, per_prompt, key):
         """(x_0 latents (N, C, h, w) fp32 CPU, the prompt of each row)."""
@@ -428,11 +429,18 @@ class Trainer:
             world = load_world(self.cfg.cache_dir, progress=False)
             forget = eval_pairs([d], n_f)
             retain = eval_pairs([k for k in range(10) if k != d], n_r)
+            from fastunlearn.digits import load_digit_images
+
+            images, labels = load_digit_images()
+            real = ((images[labels != d] + 1) / 2).expand(-1, 3, -1, -1)
             return Evaluator(self.teacher_pipe(), forget[:2], retain[:2], sampler, DigitsPerceptual(world.classifier),
-                             world.classifier, forget_label=d, retain_labels=retain[2])
+                             world.classifier, forget_label=d, retain_labels=retain[2], real_retain=real)
         forget = ([self.forget[i % len(self.forget)] for i in range(n_f)], list(range(n_f)))
         retain = ([p for p in self.retain for _ in range(n_r)], [s for _ in self.retain for s in range(n_r)])
         perceptual = None
+        note = "FID not computed: this version has no Inception-based FID (fid-digits exists only in the digits world)"
+        if note not in self.notes:
+            self.notes.append(note)
         try:
             from fastunlearn.metrics import LPIPS
 
@@ -442,7 +450,8 @@ class Trainer:
                 raise FastUnlearnError(f"{size} px images are too small for LPIPS-alex")
         except FastUnlearnError as exc:
             perceptual = None
-            self.notes.append(f"integrity not computed: {exc}")
+            if f"integrity not computed: {exc}" not in self.notes:
+                self.notes.append(f"integrity not computed: {exc}")
         return Evaluator(self.teacher_pipe(), forget, retain, sampler, perceptual)
 
     def teacher_pipe(self):
@@ -502,7 +511,6 @@ class Trainer:
 
     def train(self):
         cfg = self.cfg
-        self.notes = []
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -532,7 +540,7 @@ class Trainer:
             if evaluator is not None and self.step % cfg.eval.every == 0 and self.step < cfg.max_steps:
                 metrics, _ = self.evaluate(evaluator)
                 self.history.append({"step": self.step, **metrics, **{k: logs[k] for k in ("lam", "gap") if k in logs}})
-                self.log(f"eval step {self.step} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if v is not None))
+                self.log(f"eval step {self.step} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
                 if self.steps_to_converge is None and self.forgotten(metrics):
                     self.steps_to_converge = self.step
                     if cfg.eval.stop_when_forgotten:

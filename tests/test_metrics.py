@@ -44,3 +44,15 @@ def test_lpips_without_backbone_weights_is_one_line_error(tmp_path, monkeypatch)
 def test_mean_ci95():
     m, h = mean_ci95(torch.tensor([1.0, 2.0, 3.0, 4.0]))
     assert m == 2.5 and h == pytest.approx(1.96 * torch.tensor([1.0, 2.0, 3.0, 4.0]).std().item() / 2)
+
+
+def test_frechet_distance():
+    from fastunlearn.metrics import frechet_distance
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(400, 8, generator=g)
+    assert abs(frechet_distance(a, a)) < 1e-6
+    shifted = frechet_distance(a, a + 1.0)
+    assert shifted == pytest.approx(8.0, rel=1e-6)  # mean shift of 1 in 8 dims, same covariance
+    b = torch.randn(400, 8, generator=g) * 2
+    assert frechet_distance(a, b) > 1.0
