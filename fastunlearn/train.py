@@ -247,6 +247,7 @@ class Trainer:
         self.dtype = DTYPES[cfg.mixed_precision]
         self.pipe = load_pipeline(cfg.model, torch_dtype=self.dtype, cache_dir=cfg.cache_dir)  # bad paths fail first
         self.device, self.rank, self.world = init_distributed()
+        self.ds_config = deepspeed_config(cfg, self.world)  # a contradictory config fails before any sampling
         self.pipe.to(self.device)
         self.forget, self.retain, self.anchors = forget, retain, anchors
         self.scheduler = self.pipe.scheduler
@@ -277,7 +278,6 @@ class Trainer:
 
         import deepspeed
 
-        self.ds_config = deepspeed_config(cfg, self.world)
         params = [p for p in self.student.parameters() if p.requires_grad]
         optimizer = None
         if "optimizer" not in self.ds_config:
@@ -289,7 +289,6 @@ class Trainer:
             raise FastUnlearnError(f"invalid DeepSpeed config: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
         self.step = 0
         self.history = []
-        self.evaluator = None
         self.steps_to_converge = None
         self.notes = []
 
