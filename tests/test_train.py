@@ -104,7 +104,7 @@ def test_checkpoint_restores_saddle_state_optimizer_step_and_rng(tiny_sd_path, p
         a.engine.backward(loss)
         a.engine.step()
         a.step += 1
-        a.method.after_step({k: float(v) for k, v in terms.items()}, a.step)
+        a.method.after_step({k: float(v.detach()) for k, v in terms.items()}, a.step)
         a.save_checkpoint()  # at steps 1 and 2: only the newest is kept
     assert [p.name for p in (a.out / "checkpoints").glob("step-*")] == ["step-2"]
     rng = torch.get_rng_state()
