@@ -199,3 +199,60 @@ def append_check(row: dict) -> Path:
             writer.writeheader()
         writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
     return path
+
+
+def parser(description: str, check_help: str):
+    """The command line both benchmark scripts share."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--quick", action="store_true", help="two configs, fp32, few reps (CPU / CI smoke)")
+    p.add_argument("--providers", default=None, help="comma list (default: all available on the device)")
+    p.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default fp32; GPU fp32,bf16)")
+    p.add_argument("--modes", default="forward,backward,full")
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--no-csv", action="store_true")
+    p.add_argument("--exact-cpu-memory", action="store_true",
+                   help="fix glibc's mmap threshold so CPU peak memory is exact (slows allocation-heavy code)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--check", action="store_true", help=f"only the interleaved acceptance ratio ({check_help})")
+    return p
+
+
+def prepare(args) -> None:
+    if args.exact_cpu_memory:
+        fix_malloc()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def run_sweep(args, op: str, csv_name: str, configs, bench, extra_providers, dtypes_by_name) -> list[dict]:
+    """Every (config, dtype, provider) of a sweep: `bench(config, dtype, provider, device, reps, modes)` gives
+    {mode: metrics}; `configs` yields (label, config). Rows go to the table and, unless --no-csv, the CSV."""
+    if args.providers:
+        providers = args.providers.split(",")
+    else:
+        providers = [*extra_providers, "torch", "torch_compile", *(["triton", "cuda"] if args.device == "cuda" else ["cpu"])]
+    dtypes = (args.dtypes or ("fp32" if args.device == "cpu" or args.quick else "fp32,bf16")).split(",")
+    reps = args.reps or (5 if args.quick else (20 if args.device == "cpu" else 100))
+    modes = args.modes.split(",")
+    env = env_fields(args.device)
+    rows = []
+    for label, config in configs:
+        for dname in dtypes:
+            for provider in providers:
+                try:
+                    res = bench(config, dtypes_by_name[dname], provider, args.device, reps, modes)
+                except Exception as exc:  # noqa: BLE001  a provider missing here is reported, not fatal
+                    print(f"skip {provider} {label} {dname}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+                    continue
+                for mode, m in res.items():
+                    rows.append({**env, "op": op, "config": label, "dtype": dname, "provider": provider,
+                                 "mode": mode, **m})
+    baseline = next((p for p in (*extra_providers, "torch") if any(r["provider"] == p for r in rows)), "torch")
+    add_speedups(rows, baseline)
+    print_table(rows)
+    if not args.no_csv:
+        print("appended to", append_rows(csv_name, rows))
+    return rows

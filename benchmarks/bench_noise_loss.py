@@ -100,53 +100,12 @@ def check(device: str, reps: int, no_csv: bool):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    p.add_argument("--quick", action="store_true", help="two shapes, fp32, few reps (CPU / CI smoke)")
-    p.add_argument("--providers", default=None, help="comma list (default: all available on the device)")
-    p.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default fp32; GPU fp32,bf16)")
-    p.add_argument("--modes", default="forward,backward,full")
-    p.add_argument("--reps", type=int, default=None)
-    p.add_argument("--no-csv", action="store_true")
-    p.add_argument("--exact-cpu-memory", action="store_true",
-                   help="fix glibc's mmap threshold so CPU peak memory is exact (slows allocation-heavy code)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    p.add_argument("--check", action="store_true", help="only the interleaved acceptance ratio (8,4,128,128)")
-    args = p.parse_args(argv)
-    if args.exact_cpu_memory:
-        bc.fix_malloc()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = bc.parser(__doc__.splitlines()[0], "(8,4,128,128)").parse_args(argv)
+    bc.prepare(args)
     if args.check:
         return check(args.device, args.reps or 50, args.no_csv)
-    if args.providers:
-        providers = args.providers.split(",")
-    elif args.device == "cuda":
-        providers = ["torch", "torch_compile", "triton", "cuda"]
-    else:
-        providers = ["torch", "torch_compile", "cpu"]
-    dtypes = (args.dtypes or ("fp32" if args.device == "cpu" or args.quick else "fp32,bf16")).split(",")
-    reps = args.reps or (5 if args.quick else (20 if args.device == "cpu" else 100))
-    modes = args.modes.split(",")
-    env = bc.env_fields(args.device)
-    rows = []
-    for shape, K in sweep(args.device, args.quick):
-        for dname in dtypes:
-            for provider in providers:
-                try:
-                    res = bench_config(shape, K, DTYPES[dname], provider, args.device, reps, modes)
-                except Exception as exc:  # noqa: BLE001  a provider missing here is reported, not fatal
-                    print(f"skip {provider} {shape} {dname}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
-                    continue
-                for mode, m in res.items():
-                    rows.append({**env, "op": "noise_prediction_loss", "config": f"{tuple(shape)} K={K}",
-                                 "dtype": dname, "provider": provider, "mode": mode, **m})
-    bc.add_speedups(rows, "torch")
-    bc.print_table(rows)
-    if not args.no_csv:
-        print("appended to", bc.append_rows("noise_loss", rows))
-    return rows
-
+    configs = ((f"{tuple(shape)} K={K}", (shape, K)) for shape, K in sweep(args.device, args.quick))
+    return bc.run_sweep(args, "noise_prediction_loss", "noise_loss", configs, lambda c, *rest: bench_config(*c, *rest), [], DTYPES)
 
 if __name__ == "__main__":
     main()
