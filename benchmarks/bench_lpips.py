@@ -11,8 +11,6 @@ values). Rows go to results/lpips.csv.
 """
 from __future__ import annotations
 
-import argparse
-
 import bench_common as bc
 import torch
 

@@ -9,8 +9,6 @@ cpu (C++ op), triton and cuda (GPU). Shapes: SD 1.x latents (B, 4, 64, 64) and S
 """
 from __future__ import annotations
 
-import argparse
-
 import bench_common as bc
 import torch
 
