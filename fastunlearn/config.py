@@ -88,6 +88,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 1        # DeepSpeed checkpoints kept in output_dir/checkpoints (newest first)
     log_every: int = 10
+    max_nonfinite_steps: int = 5     # steps in a row with a non-finite loss/gradient (each skipped) before the run stops
     cache_dir: str | None = None
     saddle: SaddleConfig = field(default_factory=SaddleConfig)
     method_args: MethodConfig = field(default_factory=MethodConfig)
@@ -107,7 +108,8 @@ class TrainConfig:
         if self.method_args.retain_target not in ("teacher", "noise"):
             raise FastUnlearnError("method_args.retain_target must be teacher or noise")
         for name in ("max_steps", "forget_batch_size", "retain_batch_size", "gradient_accumulation_steps",
-                     "forget_samples_per_prompt", "retain_samples_per_prompt", "sample_steps", "keep_checkpoints"):
+                     "forget_samples_per_prompt", "retain_samples_per_prompt", "sample_steps", "keep_checkpoints",
+                     "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise FastUnlearnError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.forget_digit <= 9:
@@ -194,7 +196,15 @@ def read_prompts(value, what: str) -> list[str] | None:
                 text = p.read_text()
             except (OSError, UnicodeDecodeError) as exc:
                 raise FastUnlearnError(f"{what} file {value} cannot be read: {exc}") from None
-            prompts = json.loads(text) if p.suffix == ".json" else [ln.strip() for ln in text.splitlines()]
+            if p.suffix == ".json":
+                try:
+                    prompts = json.loads(text)
+                except ValueError as exc:
+                    raise FastUnlearnError(f"{what} file {value} is not valid JSON: {exc}") from None
+                if not isinstance(prompts, list):
+                    raise FastUnlearnError(f"{what} file {value} must hold a JSON list of prompts")
+            else:
+                prompts = [ln.strip() for ln in text.splitlines()]
         else:
             prompts = [value]
     else:

@@ -156,12 +156,18 @@ def _check_noise_loss_inputs(student, targets, coeffs, weights, reduction):
         raise FastUnlearnError(f"noise_prediction_loss: weights must be (B,) = ({B},), got {tuple(weights.shape)}")
 
 
-def noise_prediction_loss(student, targets, coeffs, weights=None, reduction="mean", backend="auto"):
+def noise_prediction_loss(student, targets, coeffs, weights=None, reduction="mean", backend="auto",
+                          check_finite=True):
     """See SPEC §2. Gradients flow to `student` only.
 
     student: (B, ...) fp32/fp16/bf16; targets: 1-4 tensors like student (same dtype and device);
     coeffs: (B, K); weights: (B,) or None (= ones), negative allowed. Returns fp32: 0-d for
     "mean"/"sum", (B,) for "none".
+
+    check_finite: a non-finite result raises a one-line error naming the input that holds NaN/inf.
+    The check reads only the result (one host sync, no extra pass over the inputs unless it fails);
+    pass False inside torch.compile or when the caller handles non-finite losses itself (the
+    trainer does: it skips such steps).
     """
     if backend not in BACKENDS:
         raise FastUnlearnError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -172,14 +178,31 @@ def noise_prediction_loss(student, targets, coeffs, weights=None, reduction="mea
     targets = [t.detach() for t in targets]
     impl = resolve_backend(backend, student.device, student.dtype, "noise_prediction_loss")
     if impl == "torch":
-        return noise_prediction_loss_reference(student, targets, coeffs, weights, reduction)
-    if impl == "triton":
-        return _triton_module("noise_loss").triton_noise_prediction_loss(student, targets, coeffs, weights, reduction)
-    from . import _ext
+        out = noise_prediction_loss_reference(student, targets, coeffs, weights, reduction)
+    elif impl == "triton":
+        out = _triton_module("noise_loss").triton_noise_prediction_loss(student, targets, coeffs, weights, reduction)
+    else:
+        from . import _ext
 
-    if weights is None:
-        weights = torch.ones(student.shape[0], device=student.device, dtype=torch.float32)
-    return _ext.noise_loss(student, targets, coeffs, weights, reduction)
+        w = weights if weights is not None else torch.ones(student.shape[0], device=student.device, dtype=torch.float32)
+        out = _ext.noise_loss(student, targets, coeffs, w, reduction)
+    if check_finite:
+        _require_finite(out, "noise_prediction_loss", [("student", student), *((f"targets[{k}]", t) for k, t in
+                        enumerate(targets)), ("coeffs", coeffs), ("weights", weights)])
+    return out
+
+
+def _require_finite(out: torch.Tensor, op: str, inputs) -> None:
+    """Raise a one-line error if `out` holds NaN/inf, naming the first input that does."""
+    if bool(torch.isfinite(out.detach()).all()):
+        return
+    for name, t in inputs:
+        if t is None:
+            continue
+        n = int((~torch.isfinite(t.detach())).sum())
+        if n:
+            raise FastUnlearnError(f"{op}: {name} has {n} non-finite value(s) (NaN or inf)")
+    raise FastUnlearnError(f"{op}: the result is not finite although every input is (values too large for the dtype?)")
 
 
 def lpips_distance_reference(feats0, feats1, lin_weights):
@@ -194,24 +217,30 @@ def lpips_distance_reference(feats0, feats1, lin_weights):
     return total
 
 
-def lpips_distance(feats0, feats1, lin_weights, backend="auto"):
-    """Per-layer fused LPIPS distance (SPEC §4): lists of (B, C_l, H_l, W_l) maps and (C_l,) weights -> (B,)."""
-    """feats0, feats1: lists of (B, C_l, H_l, W_l) maps (fp32/fp16/bf16, one dtype and device per
+def lpips_distance(feats0, feats1, lin_weights, backend="auto", check_finite=True):
+    """Per-layer fused LPIPS distance (SPEC §4): lists of (B, C_l, H_l, W_l) maps and (C_l,) weights -> (B,).
+
+    feats0, feats1: lists of (B, C_l, H_l, W_l) maps (fp32/fp16/bf16, one dtype and device per
     layer); lin_weights: (C_l,) weights (or lpips' (1, C_l, 1, 1) conv weights). Returns (B,) fp32,
-    differentiable w.r.t. both feature lists."""
+    differentiable w.r.t. both feature lists. check_finite: as in noise_prediction_loss."""
     if backend not in BACKENDS:
         raise FastUnlearnError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     feats0, feats1, flat_weights = _check_lpips_inputs(feats0, feats1, lin_weights)
     dtype = next((f.dtype for f in feats0 if f.dtype not in KERNEL_DTYPES), feats0[0].dtype)
     impl = resolve_backend(backend, feats0[0].device, dtype, "lpips_distance")
     if impl == "torch":
-        return lpips_distance_reference(feats0, feats1, lin_weights)
-    lin_weights = flat_weights  # the kernels take (C,) fp32 weights as constants
-    if impl == "triton":
-        return _triton_module("lpips_distance").triton_lpips_distance(feats0, feats1, lin_weights)
-    from . import _ext
+        out = lpips_distance_reference(feats0, feats1, lin_weights)
+    elif impl == "triton":  # the kernels take (C,) fp32 weights as constants
+        out = _triton_module("lpips_distance").triton_lpips_distance(feats0, feats1, flat_weights)
+    else:
+        from . import _ext
 
-    return _ext.lpips_distance(feats0, feats1, lin_weights)
+        out = _ext.lpips_distance(feats0, feats1, flat_weights)
+    if check_finite:
+        _require_finite(out, "lpips_distance", [*((f"feats0[{l}]", f) for l, f in enumerate(feats0)),
+                                                *((f"feats1[{l}]", f) for l, f in enumerate(feats1)),
+                                                *((f"lin_weights[{l}]", w) for l, w in enumerate(flat_weights))])
+    return out
 
 
 def _check_lpips_inputs(feats0, feats1, lin_weights):

@@ -21,7 +21,9 @@ import argparse  # noqa: E402
 import copy  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import math  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import socket  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -227,6 +229,50 @@ def teacher_latents(pipe, prompts, per_prompt, steps, guidance, cache_key, cfg: 
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Numerical guard and fault injection
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that makes no update (moments and step count untouched) when asked to (`skip_next`, set when
+    a loss term is not finite) or when a gradient it receives is not finite. DeepSpeed calls its step
+    on the full parameters (ZeRO 0) or on this rank's fp32 partition (ZeRO 1-3, whose own overflow
+    check may skip first)."""
+
+    skip_next = False
+    skipped = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        bad = self.skip_next or (bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()))
+        self.skip_next, self.skipped = False, bad
+        if bad:
+            return None
+        return super().step(closure)
+
+
+class _NoGuard:  # a DeepSpeed-built optimizer (an "optimizer" section in the DeepSpeed config)
+    skip_next = False
+    skipped = False
+
+
+def _fault(point: str, step: int, rank: int, batch=None):
+    """Test hook: FASTUNLEARN_FAULT="point:step[:rank]" with point `kill` (SIGKILL this process when the
+    step starts), `checkpoint-written` (SIGKILL after a checkpoint's files are written, before it is
+    committed) or `nan` (NaN in that step's forget latents); step `*` is every step."""
+    spec = os.environ.get("FASTUNLEARN_FAULT")
+    if not spec:
+        return
+    name, at, *who = spec.split(":")
+    if (at != "*" and int(at) != step) or int(who[0] if who else 0) != rank:
+        return
+    if name == point == "checkpoint-written" or (name == "kill" and point == "batch"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if name == "nan" and point == "batch":
+        batch.x_f[0].view(-1)[0] = float("nan")
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The trainer
 
 
@@ -240,7 +286,7 @@ class Trainer:
         self.method = make_method(cfg)
         forget, retain, anchors, self.digits = resolve_prompts(cfg)
         self.out = Path(cfg.output_dir)
-        check_output_dir(self.out, cfg.overwrite)
+        check_output_dir(self.out, cfg)
         if self.method.needs_full_gradient and cfg.zero_stage == 3:
             raise FastUnlearnError(f"method {cfg.method} needs full gradients/weights on every rank, which ZeRO-3 "
                                    "partitions: use --zero-stage 2")
@@ -281,16 +327,19 @@ class Trainer:
         params = [p for p in self.student.parameters() if p.requires_grad]
         optimizer = None
         if "optimizer" not in self.ds_config:
-            optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            optimizer = GuardedAdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         try:
             self.engine, self.optimizer, _, _ = deepspeed.initialize(
                 model=self.student, model_parameters=params, optimizer=optimizer, config=self.ds_config)
         except (ValueError, AssertionError, TypeError) as exc:
             raise FastUnlearnError(f"invalid DeepSpeed config: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        self.guard = optimizer if isinstance(optimizer, GuardedAdamW) else _NoGuard()
         self.step = 0
         self.history = []
         self.steps_to_converge = None
         self.notes = []
+        self.nonfinite_in_row = 0
+        self.skipped_steps = []
 
     def latents(self, which, prompts, folder, per_prompt, key):
         """(x_0 latents (N, C, h, w) fp32 CPU, the prompt of each row)."""
@@ -476,31 +525,59 @@ class Trainer:
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self):
+        """A DeepSpeed checkpoint under `.partial-step-N`, renamed to `step-N` and named in `latest` once
+        every rank has written its shard (fastunlearn.checkpoint): a kill at any moment leaves the last
+        complete checkpoint intact."""
+        from fastunlearn.checkpoint import PARTIAL, commit
+
         state = {"step": self.step, "method": self.method.state_dict(), "history": self.history,
-                 "steps_to_converge": self.steps_to_converge, "torch_rng": torch.get_rng_state()}
-        ckpt = self.out / "checkpoints"
-        self.engine.save_checkpoint(str(ckpt), tag=f"step-{self.step}", client_state=state)
+                 "steps_to_converge": self.steps_to_converge, "torch_rng": torch.get_rng_state(),
+                 "nonfinite_in_row": self.nonfinite_in_row, "skipped_steps": self.skipped_steps}
+        ckpt, tag = self.out / "checkpoints", f"step-{self.step}"
+        self.engine.save_checkpoint(str(ckpt), tag=PARTIAL + tag, client_state=state, save_latest=False)  # ends in a barrier
+        _fault("checkpoint-written", self.step, self.rank)
+        if self.rank == 0:  # keep the newest `keep_checkpoints`: SDXL optimizer states are tens of GB each
+            commit(ckpt, tag, self.cfg.keep_checkpoints)
         if self.world > 1:
             dist.barrier()
-        if self.rank == 0:  # keep the newest `keep_checkpoints`: SDXL optimizer states are tens of GB each
-            tags = sorted((p for p in ckpt.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
-            for old in tags[: max(0, len(tags) - self.cfg.keep_checkpoints)]:
-                shutil.rmtree(old, ignore_errors=True)
 
     def maybe_resume(self) -> bool:
+        """Continue from the last complete checkpoint in output_dir (weights, optimizer, method state,
+        step and so data order, RNG); partial ones from a killed run are ignored with a warning."""
+        from fastunlearn.checkpoint import check_no_code, latest_complete, partial_checkpoints
+
         ckpt = self.out / "checkpoints"
-        if not (ckpt / "latest").is_file():
+        partial = partial_checkpoints(ckpt)
+        if partial:
+            self.warn(f"ignoring incomplete checkpoint(s) {', '.join(p.name for p in partial)} left by an interrupted run")
+            if self.world > 1:
+                dist.barrier()  # every rank has listed them before rank 0 removes them
+            if self.rank == 0:
+                for p in partial:
+                    shutil.rmtree(p, ignore_errors=True)
+        tag = latest_complete(ckpt)
+        if tag is None:
             return False
-        path, state = self.engine.load_checkpoint(str(ckpt))
+        check_no_code(ckpt / tag)
+        path, state = self.engine.load_checkpoint(str(ckpt), tag=tag)
         if path is None:
-            return False
+            raise FastUnlearnError(f"checkpoint {ckpt / tag} could not be loaded; delete it to start over")
         self.step = state["step"]
         self.method.load_state_dict(state["method"])
         self.history = state["history"]
         self.steps_to_converge = state["steps_to_converge"]
+        self.nonfinite_in_row = state.get("nonfinite_in_row", 0)
+        self.skipped_steps = state.get("skipped_steps", [])
         torch.set_rng_state(state["torch_rng"])
         self.log(f"resumed from {path} at step {self.step}")
+        if self.rank == 0:
+            print(f"fastunlearn: resuming from {ckpt / tag} (step {self.step} of {self.cfg.max_steps})", file=sys.stderr)
         return True
+
+    def warn(self, msg: str):
+        if self.rank == 0:
+            print(f"fastunlearn: warning: {msg}", file=sys.stderr)
+        self.log(f"warning: {msg}")
 
     # ---- the loop --------------------------------------------------------------------------------
     def log(self, msg: str):
@@ -520,19 +597,31 @@ class Trainer:
         evaluator = self.build_evaluator(final=False) if cfg.eval.every else None
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"unlearning ({cfg.method})", disable=self.rank != 0)
         while self.step < cfg.max_steps:
-            logs = {}
+            logs, bad_terms = {}, []
             for micro in range(cfg.gradient_accumulation_steps):
                 st = self.make_step(self.step, micro)
+                _fault("batch", self.step, self.rank, st)
                 loss, terms = self.method.loss(st)
+                values = {**{k: float(v.detach()) for k, v in terms.items()}, "loss": float(loss.detach())}
+                nonfinite = [k for k, v in values.items() if not math.isfinite(v)]
+                if _all_max(float(bool(nonfinite))) > 0:  # every rank skips together
+                    bad_terms += [k for k in nonfinite if k not in bad_terms] or ["(another rank)"]
+                    self.guard.skip_next = True  # backward still runs (DeepSpeed's bookkeeping); the update does not
+                self.guard.skipped = False
                 self.engine.backward(loss)
                 self.engine.step()
-                for k, v in terms.items():
-                    logs[k] = logs.get(k, 0.0) + float(v.detach()) / cfg.gradient_accumulation_steps
-                logs["loss"] = logs.get("loss", 0.0) + float(loss.detach()) / cfg.gradient_accumulation_steps
-            logs = {k: _all_mean(v) for k, v in logs.items()}
+                for k, v in values.items():
+                    logs[k] = logs.get(k, 0.0) + v / cfg.gradient_accumulation_steps
+            self.guard.skip_next = False
             self.step += 1
-            self.method.after_step(logs, self.step)
             bar.update(1)
+            skipped = self.guard.skipped or bool(getattr(self.engine.optimizer, "overflow", False) and cfg.mixed_precision != "fp16")
+            if bad_terms or skipped:
+                self.nonfinite_step(bad_terms)
+                continue
+            self.nonfinite_in_row = 0
+            logs = {k: _all_mean(v) for k, v in logs.items()}
+            self.method.after_step(logs, self.step)
             bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k in ("loss", "lam", "gap", "G", "R")})
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 self.log(f"step {self.step} " + " ".join(f"{k}={v:.5g}" for k, v in logs.items()))
@@ -549,6 +638,20 @@ class Trainer:
                 self.save_checkpoint()
         bar.close()
         self.finish()
+
+    def nonfinite_step(self, bad_terms):
+        """A step whose loss or gradient was not finite: no update was made; stop after too many in a row."""
+        cfg = self.cfg
+        self.nonfinite_in_row += 1
+        self.skipped_steps.append(self.step)
+        what = (f"non-finite loss term {', '.join(bad_terms)}" if bad_terms else "non-finite gradient (loss finite)")
+        self.warn(f"step {self.step}: {what} with method {cfg.method}; step skipped, no update "
+                  f"({self.nonfinite_in_row} in a row, limit {cfg.max_nonfinite_steps})")
+        if self.nonfinite_in_row >= cfg.max_nonfinite_steps:
+            raise FastUnlearnError(
+                f"stopped at step {self.step}: {self.nonfinite_in_row} steps in a row had a {what} "
+                f"(method {cfg.method}); the last complete checkpoint is in {self.out / 'checkpoints'}. "
+                "Try a lower lr, mixed_precision=no, or check the data")
 
     def finish(self):
         cfg = self.cfg
@@ -572,7 +675,7 @@ class Trainer:
             "eval": {"forget_samples": len(evaluator.forget[0]), "retain_samples": len(evaluator.retain[0]),
                      "sampler": evaluator.sampler.to_dict()},
             "zero_stage": cfg.zero_stage, "world_size": self.world, "mixed_precision": cfg.mixed_precision,
-            "history": self.history, "notes": self.notes,
+            "history": self.history, "notes": self.notes, "skipped_steps": self.skipped_steps,
         }
         if self.digits is not None:
             report["forget_digit"] = self.digits["forget_digit"]
@@ -598,7 +701,10 @@ class Trainer:
     def save_outputs(self, report, t_imgs, s_imgs, evaluator, unet):
         from fastunlearn.evaluate import save_comparison_grid, with_unet
 
-        with_unet(self.pipe, unet).save_pretrained(str(self.out), safe_serialization=True)
+        tmp = self.out / ".final-tmp"  # everything is written here first, then moved into place
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        with_unet(self.pipe, unet).save_pretrained(str(tmp), safe_serialization=True)
         rows = []
         g = self.cfg.eval.grid_seeds
         for kind in ("forget", "retain"):
@@ -611,23 +717,91 @@ class Trainer:
         title = f"{self.cfg.method}: original vs unlearned, same seeds"
         if report.get("integrity_retain") is not None:
             title += f" (I_retain {report['integrity_retain']:.3f}, I_forget {report['integrity_forget']:.3f})"
-        save_comparison_grid(self.out / "grid.png", rows, title)
-        (self.out / "report.json").write_text(json.dumps(report, indent=2))
+        save_comparison_grid(tmp / "grid.png", rows, title)
+        (tmp / "report.json").write_text(json.dumps(report, indent=2))
+        publish(tmp, self.out)
+        shutil.rmtree(self.out / PREVIOUS, ignore_errors=True)  # the run --overwrite replaced, kept until now
         self.log("finished: " + json.dumps({k: v for k, v in report.items() if not isinstance(v, (list, dict))}))
 
 
-def check_output_dir(out: Path, overwrite: bool):
+PREVIOUS = ".previous-run"
+RESUME_IGNORES = {"overwrite", "max_steps", "output_dir", "cache_dir", "log_every", "checkpoint_every",
+                  "keep_checkpoints", "max_nonfinite_steps", "eval"}
+
+
+def check_output_dir(out: Path, cfg: TrainConfig):
+    """Refuse a finished run unless --overwrite; refuse to resume an unfinished run with other settings.
+    A run being replaced is moved into output_dir/.previous-run and deleted only when the new one finishes."""
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     if (out / "report.json").is_file():
-        if not overwrite:
+        if not cfg.overwrite:
             raise FastUnlearnError(f"output directory {out} holds a finished run; pass --overwrite to replace it")
-        if int(os.environ.get("RANK", "0")) == 0:
-            shutil.rmtree(out)
+        if rank0:
+            _move_aside(out)
+        return
+    saved = out / "config.json"
+    if (out / "checkpoints").is_dir() and saved.is_file():
+        try:
+            old = json.loads(saved.read_text())
+        except ValueError:
+            old = {}
+        diff = _config_difference(old, cfg.to_dict())
+        if diff:
+            if not cfg.overwrite:
+                raise FastUnlearnError(f"output directory {out} holds an unfinished run with other settings ({diff}): "
+                                       "rerun with its settings to resume it, or pass --overwrite to start over")
+            if rank0:
+                _move_aside(out)
+
+
+def _move_aside(out: Path):
+    prev = out / PREVIOUS
+    shutil.rmtree(prev, ignore_errors=True)
+    prev.mkdir()
+    for entry in out.iterdir():
+        if entry.name != PREVIOUS:
+            os.replace(entry, prev / entry.name)
+
+
+def _config_difference(old: dict, new: dict, prefix: str = "") -> str | None:
+    for key in sorted(set(old) | set(new)):
+        if not prefix and key in RESUME_IGNORES:
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = _config_difference(a, b, f"{prefix}{key}.")
+            if found:
+                return found
+        elif a != b:
+            return f"{prefix}{key}: {a!r} -> {b!r}"
+    return None
+
+
+def publish(tmp: Path, out: Path):
+    """Move the finished files from `tmp` into `out`, each with one atomic rename: the pipeline's
+    components first, then model_index.json (so the folder loads as a pipeline only once complete),
+    then grid.png, and report.json (which marks the run finished) last."""
+    last = {"model_index.json": 1, "grid.png": 2, "report.json": 3}
+    for entry in sorted(tmp.iterdir(), key=lambda e: (last.get(e.name, 0), e.name)):
+        dest = out / entry.name
+        if dest.is_dir():
+            shutil.rmtree(dest)
+        os.replace(entry, dest)
+    tmp.rmdir()
 
 
 def _hash(prompts, n) -> str:
     import hashlib
 
     return hashlib.sha256(json.dumps([prompts, n]).encode()).hexdigest()[:10]
+
+
+def _all_max(value: float) -> float:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t)
+    return float(value)
 
 
 def _all_mean(value: float) -> float:

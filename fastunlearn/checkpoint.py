@@ -1,0 +1,83 @@
+"""Crash-safe files: atomic writes, committed DeepSpeed checkpoints, and a pickle check before loading.
+
+A checkpoint is written by DeepSpeed under a hidden `.partial-<tag>` folder, renamed to `<tag>` once
+every rank has finished, and only then named in `latest` (itself replaced atomically). So a process
+killed at any moment leaves either the previous complete checkpoint or a `.partial-*` folder, which
+resuming ignores with a warning and removes.
+
+DeepSpeed loads its checkpoint files with `torch.load(weights_only=False)`. Before it does, every
+file is scanned without unpickling (`torch.serialization.get_unsafe_globals_in_checkpoint`): only
+tensors, plain containers and the three DeepSpeed bookkeeping classes below may appear; a file that
+names any other Python callable could run code when loaded, and is refused.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .errors import FastUnlearnError
+
+PARTIAL = ".partial-"
+# what DeepSpeed's ZeRO optimizer states pickle besides tensors (data classes, no code on load)
+ALLOWED_GLOBALS = {
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+    "deepspeed.checkpoint.constants.ZeroStageEnum",
+}
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` so that readers see the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def check_no_code(folder: Path) -> None:
+    """Refuse a checkpoint folder whose pickles reference anything but tensors and known data classes."""
+    for f in sorted(Path(folder).rglob("*.pt")):
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(f))
+        except Exception as exc:  # not a torch zip file: a truncated or foreign file
+            raise FastUnlearnError(f"checkpoint file {f} is unreadable ({type(exc).__name__}); "
+                                   "delete it or start a fresh --output-dir") from None
+        bad = sorted(set(names) - ALLOWED_GLOBALS)
+        if bad:
+            raise FastUnlearnError(f"checkpoint file {f} contains pickled code or objects ({', '.join(bad[:3])}); "
+                                   "refusing to load it")
+
+
+def partial_checkpoints(ckpt_dir: Path) -> list[Path]:
+    return sorted(p for p in Path(ckpt_dir).glob(PARTIAL + "*") if p.is_dir()) if Path(ckpt_dir).is_dir() else []
+
+
+def latest_complete(ckpt_dir: Path) -> str | None:
+    """The tag named in `latest` if its folder exists, else None."""
+    latest = Path(ckpt_dir) / "latest"
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    return tag if tag and (Path(ckpt_dir) / tag).is_dir() else None
+
+
+def commit(ckpt_dir: Path, tag: str, keep: int) -> None:
+    """Rank 0, after every rank wrote `.partial-<tag>`: rename it to `<tag>`, point `latest` at it,
+    then delete all but the newest `keep` complete checkpoints."""
+    ckpt_dir = Path(ckpt_dir)
+    final = ckpt_dir / tag
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(ckpt_dir / (PARTIAL + tag), final)
+    atomic_write_text(ckpt_dir / "latest", tag)
+    tags = sorted((p for p in ckpt_dir.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
+    for old in tags[: max(0, len(tags) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
