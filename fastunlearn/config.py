@@ -81,6 +81,7 @@ class TrainConfig:
     deepspeed_config: str | None = None  # a DeepSpeed JSON; default: configs/ds_zero{zero_stage}.json
     mixed_precision: str = "no"      # no | bf16 | fp16
     gradient_checkpointing: bool = False
+    teacher: str = "auto"            # auto | copy | shared: shared = no second copy of frozen weights (params != full, ZeRO < 3)
     grad_clip: float = 1.0
     forget_samples_per_prompt: int = 10  # data-free mode: teacher samples cached per forget prompt
     retain_samples_per_prompt: int = 10
@@ -103,6 +104,10 @@ class TrainConfig:
             raise FastUnlearnError(f"unknown forget_target {self.forget_target!r}; choose one of {', '.join(FORGET_TARGETS)}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise FastUnlearnError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.teacher not in ("auto", "copy", "shared"):
+            raise FastUnlearnError(f"teacher must be auto, copy or shared, got {self.teacher!r}")
+        if self.teacher == "shared" and (self.params == "full" or self.zero_stage == 3):
+            raise FastUnlearnError("teacher: shared needs a parameter subset (params: attn2 or non-attn2) and ZeRO stage < 3")
         if self.zero_stage not in (0, 1, 2, 3):
             raise FastUnlearnError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.method_args.retain_target not in ("teacher", "noise"):

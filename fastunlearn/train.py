@@ -279,7 +279,7 @@ def _fault(point: str, step: int, rank: int, batch=None):
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         from fastunlearn.methods import make_method
-        from fastunlearn.models import Conditioner, fingerprint, load_pipeline, param_subset
+        from fastunlearn.models import Conditioner, SharedTeacher, fingerprint, load_pipeline, param_subset
 
         self.cfg = cfg
         self.t_start = time.time()
@@ -299,10 +299,13 @@ class Trainer:
         self.scheduler = self.pipe.scheduler
         self.prediction_type = self.scheduler.config.prediction_type
 
-        # teacher: a frozen copy in the working dtype, made before DeepSpeed sees the student (never partitioned)
-        self.teacher = copy.deepcopy(self.pipe.unet).eval().requires_grad_(False)
+        # teacher: the original model, made before DeepSpeed sees the student. With a parameter subset it
+        # shares every frozen weight with the student (SharedTeacher); else a frozen copy in the working dtype.
         self.student = self.pipe.unet
         trained = set(param_subset(self.student, cfg.params))
+        share = cfg.teacher == "shared" or (cfg.teacher == "auto" and cfg.params != "full" and cfg.zero_stage < 3)
+        self.teacher = (SharedTeacher(self.student, trained) if share
+                        else copy.deepcopy(self.pipe.unet).eval().requires_grad_(False))
         for name, p in self.student.named_parameters():
             p.requires_grad_(name in trained)
         if cfg.gradient_checkpointing:
@@ -676,6 +679,10 @@ class Trainer:
                      "sampler": evaluator.sampler.to_dict()},
             "zero_stage": cfg.zero_stage, "world_size": self.world, "mixed_precision": cfg.mixed_precision,
             "history": self.history, "notes": self.notes, "skipped_steps": self.skipped_steps,
+            "teacher": "shared" if hasattr(self.teacher, "originals") else "copy",
+            "teacher_extra_bytes": (self.teacher.extra_bytes() if hasattr(self.teacher, "originals") else
+                                    sum(p.numel() * p.element_size() for p in self.teacher.parameters())),
+            "unet_bytes": sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in self.student.parameters()),
         }
         if self.digits is not None:
             report["forget_digit"] = self.digits["forget_digit"]
