@@ -62,24 +62,39 @@ def table(reports: list[dict]) -> str:
 
 
 def plot(reports: list[dict], path: Path) -> None:
+    """Left: I_retain against forget accuracy over training (one line per method, arrow to the end).
+    Right: I_retain against the training step. Log scale: GA's I_retain is ~50x Saddle's."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.8))
     for r in reports:
-        pts = [(h["forget_accuracy"], h["integrity_retain"]) for h in r["history"] if not h.get("final")]
-        if pts:
-            xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker="o", ms=3, label=r["method"])
-            ax.annotate(f"{r['history'][-2]['step'] if len(r['history']) > 1 else ''}", (xs[-1], ys[-1]), fontsize=6)
+        hist = [h for h in r["history"] if not h.get("final")]
+        if not hist:
+            continue
+        xs, ys, steps = ([h[k] for h in hist] for k in ("forget_accuracy", "integrity_retain", "step"))
+        (line,) = ax.plot(xs, ys, marker="o", ms=3, lw=1.2, label=r["method"])
+        ax.annotate("", xy=(xs[-1], ys[-1]), xytext=(xs[-2], ys[-2]) if len(xs) > 1 else (xs[-1], ys[-1]),
+                    arrowprops=dict(arrowstyle="->", color=line.get_color()))
+        bx.plot(steps, ys, marker="o", ms=3, lw=1.2, color=line.get_color(), label=r["method"])
+        if r.get("steps_to_converge"):
+            bx.axvline(r["steps_to_converge"], color=line.get_color(), lw=0.6, ls=":")
+    ax.axvline(0.10, color="grey", lw=0.8, ls="--")
+    ax.text(0.102, 0.02, "forget criterion 0.10", fontsize=7, color="grey", rotation=90, transform=ax.get_xaxis_transform())
+    for a_ in (ax, bx):
+        a_.set_yscale("log")
+        a_.set_ylabel("I_retain (lpips-digits, in-training set; lower = integrity kept)")
+        a_.legend(fontsize=8)
+        a_.grid(alpha=0.3, which="both")
     ax.set_xlabel("forget accuracy (share of forget samples read as the digit; lower = forgotten)")
-    ax.set_ylabel("I_retain (lpips-digits; lower = integrity kept)")
-    ax.set_title("digits world: integrity vs forgetting over training (in-training evaluations)", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.set_title("integrity vs forgetting over training (arrow: last evaluation)", fontsize=9)
+    bx.set_xlabel("training step (dotted: steps_to_converge)")
+    bx.set_title("I_retain over training", fontsize=9)
+    fig.suptitle("digits world, forget the 3, same seed, data and step budget for every method", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -91,6 +106,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--forget-digit", type=int, default=3)
     p.add_argument("--out", default="outputs/compare", help="runs, table.md and curves.png go here")
+    p.add_argument("--replot", action="store_true", help="redraw table.md and curves.png from --out/reports.json")
     p.add_argument("extra", nargs="*", help="extra train.py arguments after --, e.g. -- --set lr=1e-4")
     args = p.parse_args()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -100,7 +116,9 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     reports = []
-    for m in methods:
+    if args.replot:
+        reports = json.loads((out / "reports.json").read_text())
+    for m in [] if args.replot else methods:
         print(f"compare: running {m} ...", flush=True)
         reports.append(run_method(m, args))
     md = table(reports)

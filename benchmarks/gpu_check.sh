@@ -12,15 +12,20 @@
 #   benchmarks/gpu_check.sh              # on the GPU machine
 #   benchmarks/gpu_check.sh --dry-run    # CPU-side rehearsal of every step (cpu backend, tiny sweeps)
 #   benchmarks/gpu_check.sh --prepare    # on the dev machine: fill .whl/ (ignored by git) to carry along
+#   benchmarks/gpu_check.sh --scale      # instead of 3-6: the whole-step and integrity benchmarks (issue 6),
+#                                        # SDXL 1024² / SD 1.5 512² on the GPU (~8 min); --scale --dry-run: tiny, CPU
 set -uo pipefail
 
 MODE=gpu
-case "${1:-}" in
-  --dry-run) MODE=dry ;;
-  --prepare) MODE=prepare ;;
-  "") ;;
-  *) echo "usage: $0 [--dry-run|--prepare]" >&2; exit 2 ;;
-esac
+SCALE=0
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) MODE=dry ;;
+    --prepare) MODE=prepare ;;
+    --scale) SCALE=1 ;;
+    *) echo "usage: $0 [--dry-run|--prepare|--scale]" >&2; exit 2 ;;
+  esac
+done
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -84,6 +89,27 @@ for mod in ("triton", "lpips", "ninja", "fastunlearn.kernels"):
         print(f"  {mod}: MISSING ({type(exc).__name__}: {exc})")
 print(f"  nvcc: {shutil.which('nvcc')}, ninja binary: {shutil.which('ninja')}")
 EOF
+
+if [ "$SCALE" = 1 ]; then  # whole unlearning step vs plain fine-tuning, and cached vs naive integrity
+  if [ "$MODE" = dry ]; then
+    XL=(--arch tiny-sdxl --steps 1 --warmup 0 --no-csv); SD=(--arch tiny-sd --steps 1 --warmup 0 --no-csv)
+    IN=(--pairs 2 --steps 2 --reps 1 --no-csv)
+  else
+    XL=(--arch sdxl --resolution 1024 --batch 1 --steps 5 --warmup 2); SD=(--arch sd15 --resolution 512 --batch 2 --steps 5 --warmup 2)
+    IN=(--pairs 32 --steps 25 --reps 3)
+  fi
+  log "SDXL step: bf16, gradient checkpointing, ZeRO-2, full and attn2 (teacher copy / shared)"
+  timeout 300 "$PY" benchmarks/bench_train_step.py "${XL[@]}" --precision bf16 --grad-ckpt on --zero 2 \
+    --methods finetune,saddle --params full,attn2 --teacher copy,shared 2>&1 | grep -v "^train-step" | tee "$OUT_DIR/train_step_sdxl.log" | tail -8
+  log "SD 1.5 step: bf16, ZeRO 0/2, checkpointing off/on, Saddle and OVW"
+  timeout 150 "$PY" benchmarks/bench_train_step.py "${SD[@]}" --precision bf16 --grad-ckpt off,on --zero 0,2 \
+    --methods finetune,saddle,ovw --params full 2>&1 | grep -v "^train-step" | tee "$OUT_DIR/train_step_sd15.log" | tail -14
+  log "integrity: cached vs naive"
+  timeout 100 "$PY" benchmarks/bench_integrity.py "${IN[@]}" 2>&1 | tail -3 | tee "$OUT_DIR/integrity.log"
+  [ "$MODE" = gpu ] && cp -f benchmarks/results/*.csv "$OUT_DIR/" 2>/dev/null
+  log "done in $(( $(date +%s) - START ))s, results in $OUT_DIR"
+  exit 0
+fi
 
 # 3. build the C++ / CUDA ops ------------------------------------------------------------------
 if [ "$MODE" = gpu ]; then

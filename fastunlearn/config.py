@@ -54,6 +54,7 @@ class EvalConfig:
     grid_seeds: int = 4
     stop_when_forgotten: bool = False  # stop at the first evaluation where the forget criterion holds
     forget_threshold: float = 0.10     # digits world: the forget criterion is forget_accuracy <= this
+    clip_model: str | None = None      # a local CLIP model folder (transformers) for CLIPScore; none: not computed
 
 
 @dataclass
@@ -117,6 +118,8 @@ class TrainConfig:
                      "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise FastUnlearnError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.eval.clip_model and not Path(self.eval.clip_model).is_dir():
+            raise FastUnlearnError(f"eval.clip_model {self.eval.clip_model} is not a folder (a local CLIP model)")
         if not 0 <= self.forget_digit <= 9:
             raise FastUnlearnError(f"forget_digit must be 0..9, got {self.forget_digit}")
         return self

@@ -47,13 +47,14 @@ class Evaluator:
     """Fixed (prompt, seed) sets for forget and retain; `labels_*` (digits world) enable accuracy."""
 
     def __init__(self, teacher_pipe, forget, retain, sampler: SamplerConfig, perceptual=None, classifier=None,
-                 forget_label=None, retain_labels=None, real_retain=None):
+                 forget_label=None, retain_labels=None, real_retain=None, clip=None):
         self.teacher_pipe, self.sampler = teacher_pipe, sampler
         self.forget, self.retain = forget, retain  # (prompts, seeds)
         self.perceptual, self.classifier = perceptual, classifier
         self.forget_label = forget_label
         self.retain_labels = torch.tensor(retain_labels) if retain_labels is not None else None
         self.real_retain = real_retain  # (N, 3, H, W) in [0, 1]: real images of the retain concepts, if any
+        self.clip = clip  # a metrics.CLIPScore, or None
         self._teacher = None
 
     def teacher(self):
@@ -71,10 +72,11 @@ class Evaluator:
 
     def base(self) -> dict:
         imgs, _ = self.teacher()
+        out = self.clip_scores(imgs, "base_")
         if self.classifier is None:
-            return {}
+            return out
         acc = self.accuracy(imgs["forget"], imgs["retain"])
-        out = {"base_forget_accuracy": acc["forget_accuracy"], "base_retain_accuracy": acc["retain_accuracy"]}
+        out.update(base_forget_accuracy=acc["forget_accuracy"], base_retain_accuracy=acc["retain_accuracy"])
         if self.real_retain is not None and hasattr(self.perceptual, "embed"):  # scale: the teacher against real data
             out["fid_teacher_vs_real"] = frechet_distance(self.perceptual.embed(self.real_retain),
                                                           self.perceptual.embed(imgs["retain"]))
@@ -97,7 +99,13 @@ class Evaluator:
             out["fid_retain"] = frechet_distance(self.perceptual.embed(t_imgs["retain"]),
                                                  self.perceptual.embed(s_imgs["retain"]))
             out["fid_network"] = "fid-digits"
+        out.update(self.clip_scores(s_imgs))
         return out, s_imgs
+
+    def clip_scores(self, imgs, prefix="") -> dict:
+        if self.clip is None:
+            return {}
+        return {f"{prefix}clip_score_{k}": float(self.clip(imgs[k], getattr(self, k)[0]).mean()) for k in ("retain", "forget")}
 
 
 def save_comparison_grid(path, rows, title=None):
@@ -170,6 +178,8 @@ def main(argv=None) -> int:
         p.add_argument("--perceptual", default=None, help="alex | vgg | squeeze | digits (default: digits for the "
                                                            "digits world, else alex)")
         p.add_argument("--backbone-weights", default=None, help="torchvision backbone weights file for LPIPS")
+        p.add_argument("--clip-model", default=None, help="a local CLIP model folder for CLIPScore (default: none, "
+                                                          "not computed)")
         p.add_argument("--out", default="outputs/evaluate", help="output folder (default: %(default)s)")
         p.add_argument("--cache-dir", default=None, help="cache directory (default: $FASTUNLEARN_CACHE)")
         args = p.parse_args(argv)
@@ -195,6 +205,11 @@ def main(argv=None) -> int:
             perceptual = DigitsPerceptual(load_world(args.cache_dir, progress=False).classifier)
         else:
             perceptual = LPIPS(kind, backbone_weights=args.backbone_weights)
+        clip = None
+        if args.clip_model:
+            from .metrics import CLIPScore
+
+            clip = CLIPScore(args.clip_model)
         guidance = args.guidance_scale if args.guidance_scale is not None else (4.0 if digits else 7.5)
         sampler = SamplerConfig(args.steps, guidance)
         pairs = [(q, s) for q in prompts for s in range(args.seeds)]
@@ -205,7 +220,13 @@ def main(argv=None) -> int:
         per_prompt = {q: float(res["values"][[i for i, (r, _) in enumerate(pairs) if r == q]].mean()) for q in prompts}
         report = {"original": args.original, "unlearned": args.unlearned, "integrity": res["mean"],
                   "integrity_ci95": res["ci95"], "perceptual_network": res["perceptual"], "samples": len(pairs),
-                  "sampler": sampler.to_dict(), "integrity_per_prompt": per_prompt}
+                  "sampler": sampler.to_dict(), "integrity_per_prompt": per_prompt,
+                  "notes": ["FID (Inception) not computed: fastunlearn does not ship Inception-FID weights"]}
+        if clip is not None:
+            for who, key in (("original", "teacher_images"), ("unlearned", "student_images")):
+                report[f"clip_score_{who}"] = float(clip(res[key], [q for q, _ in pairs]).mean())
+        else:
+            report["notes"].append("CLIPScore not computed: no --clip-model given")
         (out / "report.json").write_text(json.dumps(report, indent=2))
         rows = [(q, res["teacher_images"][[i for i, (r, _) in enumerate(pairs) if r == q]][:6],
                  res["student_images"][[i for i, (r, _) in enumerate(pairs) if r == q]][:6]) for q in prompts[:6]]

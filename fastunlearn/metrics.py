@@ -212,3 +212,40 @@ def integrity(teacher, student, prompts, seeds, sampler=None, perceptual=None, c
     out["teacher_images"], out["student_images"] = t_imgs, s_imgs
     out["teacher_sampled"] = len(missing)
     return out
+
+
+class CLIPScore:
+    """CLIPScore (Hessel et al., 2021): 100 * max(cos(image embedding, prompt embedding), 0), per image,
+    with a CLIP model from a local folder (transformers `CLIPModel` + `CLIPProcessor`, safetensors)."""
+
+    def __init__(self, path: str, device="cpu"):
+        from pathlib import Path
+
+        from transformers import CLIPModel, CLIPProcessor
+
+        if not Path(path).is_dir():
+            raise FastUnlearnError(f"CLIP model folder {path} does not exist")
+        try:
+            self.model = CLIPModel.from_pretrained(path, local_files_only=True, use_safetensors=True).eval().to(device)
+            self.processor = CLIPProcessor.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise FastUnlearnError(f"cannot load a CLIP model from {path}: {str(exc).splitlines()[0]}") from None
+        self.device = device
+        self.name = f"clip:{Path(path).name}"
+
+    @staticmethod
+    def _tensor(out):
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts) -> torch.Tensor:
+        """images (N, 3, H, W) in [0, 1], one prompt each -> (N,) scores."""
+        if len(prompts) != len(images):
+            raise FastUnlearnError(f"CLIPScore: {len(images)} images but {len(prompts)} prompts")
+        inputs = self.processor(text=list(prompts), images=[im.float().clamp(0, 1) for im in images],
+                                return_tensors="pt", padding=True, truncation=True, do_rescale=False)
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        img = self._tensor(self.model.get_image_features(pixel_values=inputs["pixel_values"]))
+        txt = self._tensor(self.model.get_text_features(input_ids=inputs["input_ids"],
+                                                        attention_mask=inputs.get("attention_mask")))
+        return 100 * torch.nn.functional.cosine_similarity(img.float(), txt.float()).clamp(min=0).cpu()

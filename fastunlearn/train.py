@@ -485,13 +485,13 @@ class Trainer:
             images, labels = load_digit_images()
             real = ((images[labels != d] + 1) / 2).expand(-1, 3, -1, -1)
             return Evaluator(self.teacher_pipe(), forget[:2], retain[:2], sampler, DigitsPerceptual(world.classifier),
-                             world.classifier, forget_label=d, retain_labels=retain[2], real_retain=real)
+                             world.classifier, forget_label=d, retain_labels=retain[2], real_retain=real,
+                             clip=self.clip_scorer())
         forget = ([self.forget[i % len(self.forget)] for i in range(n_f)], list(range(n_f)))
         retain = ([p for p in self.retain for _ in range(n_r)], [s for _ in self.retain for s in range(n_r)])
         perceptual = None
-        note = "FID not computed: this version has no Inception-based FID (fid-digits exists only in the digits world)"
-        if note not in self.notes:
-            self.notes.append(note)
+        self.note("FID (Inception) not computed: fastunlearn does not ship Inception-FID weights and does not "
+                  "download them; fid-digits exists only in the digits world")
         try:
             from fastunlearn.metrics import LPIPS
 
@@ -501,9 +501,22 @@ class Trainer:
                 raise FastUnlearnError(f"{size} px images are too small for LPIPS-alex")
         except FastUnlearnError as exc:
             perceptual = None
-            if f"integrity not computed: {exc}" not in self.notes:
-                self.notes.append(f"integrity not computed: {exc}")
-        return Evaluator(self.teacher_pipe(), forget, retain, sampler, perceptual)
+            self.note(f"integrity not computed: {exc}")
+        return Evaluator(self.teacher_pipe(), forget, retain, sampler, perceptual, clip=self.clip_scorer())
+
+    def note(self, text: str):
+        if text not in self.notes:
+            self.notes.append(text)
+
+    def clip_scorer(self):
+        if not self.cfg.eval.clip_model:
+            self.note("CLIPScore not computed: no local CLIP model given (eval.clip_model)")
+            return None
+        if not hasattr(self, "_clip"):
+            from fastunlearn.metrics import CLIPScore
+
+            self._clip = CLIPScore(self.cfg.eval.clip_model, device=self.device)
+        return self._clip
 
     def teacher_pipe(self):
         from fastunlearn.evaluate import with_unet

@@ -198,7 +198,8 @@ def _no_vocab_model(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("case", ["no-vocab", "unreadable-prompts", "bad-json-prompts", "zero3-salun", "ds-invalid"])
+@pytest.mark.parametrize("case", ["no-vocab", "unreadable-prompts", "bad-json-prompts", "zero3-salun", "ds-invalid",
+                                  "no-clip-model"])
 def test_bad_input_sweep_part_two(case, base_args, tiny_sd_path, tmp_path):
     out = tmp_path / "out"
     bad = tmp_path / "bad.txt"
@@ -211,6 +212,7 @@ def test_bad_input_sweep_part_two(case, base_args, tiny_sd_path, tmp_path):
         "bad-json-prompts": (["--forget-prompts", str(tmp_path / "bad.json")], "is not valid JSON"),
         "zero3-salun": (["--method", "salun", "--zero-stage", "3"], "use --zero-stage 2"),
         "ds-invalid": (["--set", f"deepspeed_config={tmp_path / 'ds.json'}"], "invalid DeepSpeed config"),
+        "no-clip-model": (["--set", f"eval.clip_model={tmp_path / 'clip'}"], "is not a folder (a local CLIP model)"),
     }[case]
     proc = train([*base_args, "--max-steps", "2", "--output-dir", str(out), *extra], tmp_path)
     assert proc.returncode == 2 and expect in one_error_line(proc), proc.stderr[-3000:]
