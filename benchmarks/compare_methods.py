@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Every method on the digits world with the same seed, data and step budget.
 
-    python benchmarks/compare_methods.py                       # all methods, 400 steps (~25 min, 2 cores)
+    python benchmarks/compare_methods.py                       # all methods, 400 steps (~28 min, 2 cores)
     python benchmarks/compare_methods.py --methods saddle,ovw --max-steps 200
 
 Each method runs `fastunlearn/train.py` in its own process; the table (Markdown) and a plot of

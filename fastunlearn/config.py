@@ -31,7 +31,7 @@ class SaddleConfig:
 
 @dataclass
 class MethodConfig:
-    alpha: float = 1.0          # OVW: weight of G
+    alpha: float = 0.25         # OVW: weight of G (0.25: the digits comparison, benchmarks/RESULTS.md)
     eta: float = 1.0            # ESD negative-guidance strength (the paper's eta)
     beta: float = 1.0           # GA: weight of the ascent term
     inner_steps: int = 2        # EraseDiff: inner steps on the forget loss
