@@ -177,10 +177,11 @@ def _bad_cases():
         ("weights", (f0, f1, [ws[0][:3], ws[1]]), "3 values for 4 channels"),
         ("batch", (f0, f1, ws) if False else ([f0[0], f0[1][:1]], [f1[0], f1[1][:1]], ws), "batch 1, layer 0 has 2"),
         ("int", ([f0[0].int()], [f1[0].int()], ws[:1]), "floating-point"),
+        ("device", (f0, [f1[0].to("meta"), f1[1]], ws), "all must be on cpu"),
     ]
 
 
-@pytest.mark.parametrize("case", range(9))
+@pytest.mark.parametrize("case", range(10))
 def test_bad_input_is_one_line_error(case):
     name, args, match = _bad_cases()[case]
     with pytest.raises(FastUnlearnError, match=match) as info:

@@ -188,6 +188,7 @@ BAD = [
     ("int student", dict(student="int"), "floating-point"),
     ("float64 kernel", dict(student="f64"), "takes float32, float16 or bfloat16"),
     ("cuda backend on cpu", dict(backend="cuda"), "needs CUDA tensors"),
+    ("target device", dict(targets="meta"), "targets\\[0\\] is on meta, student on cpu"),
 ]
 
 
@@ -204,6 +205,8 @@ def test_bad_input_is_one_line_error(name, override, match):
         kw["targets"] = [targets[0][:, :1]]
     elif kw["targets"] == "dtype":
         kw["targets"] = [targets[0].half()]
+    elif kw["targets"] == "meta":
+        kw["targets"] = [targets[0].to("meta")]
     if kw["student"] == "int":
         kw["student"], kw["targets"] = torch.ones(3, 2, 4, 4, dtype=torch.int32), [torch.ones(3, 2, 4, 4, dtype=torch.int32)]
     elif kw["student"] == "f64":
