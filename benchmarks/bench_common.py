@@ -135,17 +135,22 @@ def measure(fn, device: str, reps: int, setup=None) -> dict:
             "peak_mb": peak_mb(fn, device, setup=setup), "reps": reps}
 
 
-def append_rows(name: str, rows: list[dict]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.csv"
+def append_csv(path, rows: list[dict], fields: list[str] | None = None) -> Path:
+    """Append rows to a CSV file (header on first write; floats to 4 decimals; extra keys ignored)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists()
     with path.open("a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(fh, fieldnames=fields or list(rows[0]), extrasaction="ignore")
         if new:
             writer.writeheader()
         for row in rows:
             writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
     return path
+
+
+def append_rows(name: str, rows: list[dict]) -> Path:
+    return append_csv(RESULTS / f"{name}.csv", rows, FIELDS)
 
 
 def add_speedups(rows: list[dict], baseline: str) -> None:
@@ -188,17 +193,9 @@ def ratio_report(label: str, times: dict, baseline: str, candidate: str, device:
 
 
 def append_check(row: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "checks.csv"
-    fields = ["date", "device", "torch", "triton", "python", "threads", "check", "baseline", "candidate",
-              "baseline_ms", "candidate_ms", "speedup", "reps"]
-    new = not path.exists()
-    with path.open("a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
-    return path
+    return append_csv(RESULTS / "checks.csv", [row], ["date", "device", "torch", "triton", "python", "threads", "check",
+                                                      "baseline", "candidate", "baseline_ms", "candidate_ms", "speedup",
+                                                      "reps"])
 
 
 def parser(description: str, check_help: str):

@@ -13,7 +13,6 @@ Rows go to benchmarks/results/integrity.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
 import tempfile
@@ -109,14 +108,9 @@ def main() -> int:
     print(f"repeated evaluation: naive {med['naive']:.2f} s, cached {med['cached']:.2f} s -> {ratio:.2f}x "
           f"(I {values['cached']:.5f} vs {values['naive']:.5f}, {'equal' if agree else 'DIFFERENT'})")
     if not args.no_csv:
-        path = Path(args.csv)
-        new = not path.exists()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(row))
-            if new:
-                w.writeheader()
-            w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
+        from benchmarks.bench_common import append_csv
+
+        path = append_csv(args.csv, [row])
         print(f"appended to {path}")
     return 0 if agree else 1
 

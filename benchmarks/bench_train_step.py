@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import itertools
 import json
 import os
@@ -249,15 +248,9 @@ def main() -> int:
     for r in results:
         print("| " + " | ".join(f"{r.get(c):.3f}" if isinstance(r.get(c), float) else str(r.get(c, "—")) for c in cols) + " |")
     if not args.no_csv:
-        path = Path(args.csv)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        new = not path.exists()
-        with path.open("a", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=FIELDS, extrasaction="ignore")
-            if new:
-                w.writeheader()
-            for r in results:
-                w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
+        from benchmarks.bench_common import append_csv
+
+        path = append_csv(args.csv, results, FIELDS)
         print(f"appended {len(results)} rows to {path}")
     return 0 if all(r["status"] == "ok" for r in results) else 1
 

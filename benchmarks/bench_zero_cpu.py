@@ -11,7 +11,6 @@ over all processes). Rows go to benchmarks/results/zero_cpu.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import os
 import re
@@ -65,14 +64,10 @@ def main() -> int:
     base = results[0]["rows_per_s"]
     for r in results:
         r["ratio_to_1proc_zero0"] = r["rows_per_s"] / base
-    path = Path(args.csv)
-    new = not path.exists()
-    with path.open("a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(results[0]))
-        if new:
-            w.writeheader()
-        for r in results:
-            w.writerow({k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items()})
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.bench_common import append_csv
+
+    path = append_csv(args.csv, results)
     print(f"appended to {path}")
     return 0
 

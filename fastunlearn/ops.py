@@ -166,8 +166,8 @@ def noise_prediction_loss(student, targets, coeffs, weights=None, reduction="mea
 
     check_finite: a non-finite result raises a one-line error naming the input that holds NaN/inf.
     The check reads only the result (one host sync, no extra pass over the inputs unless it fails);
-    pass False inside torch.compile or when the caller handles non-finite losses itself (the
-    trainer does: it skips such steps).
+    it is skipped while torch.compile traces. Pass False when the caller handles non-finite losses
+    itself (the trainer does: it skips such steps).
     """
     if backend not in BACKENDS:
         raise FastUnlearnError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -193,8 +193,9 @@ def noise_prediction_loss(student, targets, coeffs, weights=None, reduction="mea
 
 
 def _require_finite(out: torch.Tensor, op: str, inputs) -> None:
-    """Raise a one-line error if `out` holds NaN/inf, naming the first input that does."""
-    if bool(torch.isfinite(out.detach()).all()):
+    """Raise a one-line error if `out` holds NaN/inf, naming the first input that does (not while
+    torch.compile traces: a data-dependent check would break the graph)."""
+    if torch.compiler.is_compiling() or bool(torch.isfinite(out.detach()).all()):
         return
     for name, t in inputs:
         if t is None:
