@@ -85,7 +85,7 @@ def run_one(spec: dict) -> dict:
     from fastunlearn.config import TrainConfig
     from fastunlearn.methods import Step, make_method
     from fastunlearn.models import SharedTeacher, param_subset
-    from fastunlearn.train import GuardedAdamW, deepspeed_config, init_distributed
+    from fastunlearn.train import GuardedAdamW, deepspeed_config, init_distributed, unet_call
 
     device, _, world = init_distributed()
     dev = device.type
@@ -125,12 +125,7 @@ def run_one(spec: dict) -> dict:
         return torch.randn(n, c.in_channels, h, h, generator=g).to(device, dtype)
 
     def call(model, items, grad):
-        sizes = [len(x) for x, _, _ in items]
-        x = torch.cat([x for x, _, _ in items])
-        t = torch.cat([t for _, t, _ in items]).to(device)
-        ids = torch.cat([i for _, _, i in items])
-        with torch.set_grad_enabled(grad):
-            return list(model(x, t, **cond.kwargs(ids), return_dict=False)[0].split(sizes))
+        return unet_call(model, items, cond, device, dtype, grad)
 
     method = make_method(cfg)
     if hasattr(method, "g0"):  # Saddle without its G0 measurement: the step's cost does not depend on it

@@ -7,7 +7,7 @@ resuming ignores with a warning and removes.
 
 DeepSpeed loads its checkpoint files with `torch.load(weights_only=False)`. Before it does, every
 file is scanned without unpickling (`torch.serialization.get_unsafe_globals_in_checkpoint`): only
-tensors, plain containers and the three DeepSpeed bookkeeping classes below may appear; a file that
+tensors, plain containers and the DeepSpeed bookkeeping classes below may appear; a file that
 names any other Python callable could run code when loaded, and is refused.
 """
 from __future__ import annotations
@@ -27,7 +27,6 @@ ALLOWED_GLOBALS = {
     "deepspeed.runtime.fp16.loss_scaler.LossScaler",
     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
     "deepspeed.utils.tensor_fragment.fragment_address",
-    "deepspeed.checkpoint.constants.ZeroStageEnum",
 }
 
 

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from fastunlearn.config import TrainConfig, load_config, read_prompts, set_dotted  # noqa: E402
 from fastunlearn.errors import FastUnlearnError, cli_errors  # noqa: E402
+from fastunlearn.models import SharedTeacher  # noqa: E402
 
 log = logging.getLogger("fastunlearn")
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -228,6 +229,18 @@ def teacher_latents(pipe, prompts, per_prompt, steps, guidance, cache_key, cfg: 
     return lat
 
 
+def unet_call(model, items, cond, device, dtype, grad: bool) -> list:
+    """One batched UNet call for several (x, t, prompt ids) items; returns one output per item.
+    `cond.kwargs(ids)` gives the conditioning (fastunlearn.models.Conditioner or a stand-in)."""
+    sizes = [len(x) for x, _, _ in items]
+    x = torch.cat([x for x, _, _ in items]).to(device, dtype)
+    t = torch.cat([t for _, t, _ in items]).to(device)
+    ids = torch.cat([i for _, _, i in items])
+    with torch.set_grad_enabled(grad):
+        out = model(x, t, **cond.kwargs(ids), return_dict=False)[0]
+    return list(out.split(sizes))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Numerical guard and fault injection
 
@@ -279,7 +292,7 @@ def _fault(point: str, step: int, rank: int, batch=None):
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         from fastunlearn.methods import make_method
-        from fastunlearn.models import Conditioner, SharedTeacher, fingerprint, load_pipeline, param_subset
+        from fastunlearn.models import Conditioner, fingerprint, load_pipeline, param_subset
 
         self.cfg = cfg
         self.t_start = time.time()
@@ -359,13 +372,7 @@ class Trainer:
 
     # ---- model calls -----------------------------------------------------------------------------
     def _call(self, model, items, grad):
-        sizes = [len(x) for x, _, _ in items]
-        x = torch.cat([x for x, _, _ in items]).to(self.device, self.dtype)
-        t = torch.cat([t for _, t, _ in items]).to(self.device)
-        ids = torch.cat([i for _, _, i in items])
-        with torch.set_grad_enabled(grad):
-            out = model(x, t, **self.cond.kwargs(ids), return_dict=False)[0]
-        return list(out.split(sizes))
+        return unet_call(model, items, self.cond, self.device, self.dtype, grad)
 
     def student_call(self, *items, grad=True):
         return self._call(self.engine, items, grad)
@@ -438,7 +445,7 @@ class Trainer:
                                                     *self.method.forget_teacher_items(st))
             targets, coeffs = self.method.forget_target(st, extra, T_null)
             total += float(mse(T_c, targets, coeffs))
-        return _all_mean(total / batches)
+        return _all_reduce(total / batches)
 
     def apply_saliency_mask(self, ratio: float, batches: int = 4):
         """SalUn: keep the top `ratio` of weights by |∇ forget loss| (denoising loss on forget data)."""
@@ -620,7 +627,7 @@ class Trainer:
                 loss, terms = self.method.loss(st)
                 values = {**{k: float(v.detach()) for k, v in terms.items()}, "loss": float(loss.detach())}
                 nonfinite = [k for k, v in values.items() if not math.isfinite(v)]
-                if _all_max(float(bool(nonfinite))) > 0:  # every rank skips together
+                if _all_reduce(float(bool(nonfinite)), "max") > 0:  # every rank skips together
                     bad_terms += [k for k in nonfinite if k not in bad_terms] or ["(another rank)"]
                     self.guard.skip_next = True  # backward still runs (DeepSpeed's bookkeeping); the update does not
                 self.guard.skipped = False
@@ -636,7 +643,7 @@ class Trainer:
                 self.nonfinite_step(bad_terms)
                 continue
             self.nonfinite_in_row = 0
-            logs = {k: _all_mean(v) for k, v in logs.items()}
+            logs = {k: _all_reduce(v) for k, v in logs.items()}
             self.method.after_step(logs, self.step)
             bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k in ("loss", "lam", "gap", "G", "R")})
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
@@ -681,6 +688,7 @@ class Trainer:
         if self.rank != 0:
             return
         t_imgs, _ = evaluator.teacher()
+        shared = isinstance(self.teacher, SharedTeacher)
         report = {
             "method": cfg.method, "model": cfg.model, "params": cfg.params, "forget_target": cfg.forget_target,
             "forget_prompts": self.forget, "retain_prompts_count": len(self.retain), "anchor_prompts": sorted(set(self.anchors)),
@@ -692,8 +700,8 @@ class Trainer:
                      "sampler": evaluator.sampler.to_dict()},
             "zero_stage": cfg.zero_stage, "world_size": self.world, "mixed_precision": cfg.mixed_precision,
             "history": self.history, "notes": self.notes, "skipped_steps": self.skipped_steps,
-            "teacher": "shared" if hasattr(self.teacher, "originals") else "copy",
-            "teacher_extra_bytes": (self.teacher.extra_bytes() if hasattr(self.teacher, "originals") else
+            "teacher": "shared" if shared else "copy",
+            "teacher_extra_bytes": (self.teacher.extra_bytes() if shared else
                                     sum(p.numel() * p.element_size() for p in self.teacher.parameters())),
             "unet_bytes": sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in self.student.parameters()),
         }
@@ -816,19 +824,12 @@ def _hash(prompts, n) -> str:
     return hashlib.sha256(json.dumps([prompts, n]).encode()).hexdigest()[:10]
 
 
-def _all_max(value: float) -> float:
+def _all_reduce(value: float, op: str = "mean") -> float:
+    """`value` reduced over all ranks: "mean" or "max" (itself in a single process)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         t = torch.tensor([float(value)], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return float(t)
-    return float(value)
-
-
-def _all_mean(value: float) -> float:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor([float(value)], dtype=torch.float64)
-        dist.all_reduce(t)
-        return float(t) / dist.get_world_size()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return float(t) / (1 if op == "max" else dist.get_world_size())
     return float(value)
 
 
