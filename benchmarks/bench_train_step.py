@@ -85,7 +85,7 @@ def run_one(spec: dict) -> dict:
     from fastunlearn.config import TrainConfig
     from fastunlearn.methods import Step, make_method
     from fastunlearn.models import SharedTeacher, param_subset
-    from fastunlearn.train import GuardedAdamW, deepspeed_config, init_distributed, unet_call
+    from fastunlearn.train import StepGuard, deepspeed_config, init_distributed, unet_call
 
     device, _, world = init_distributed()
     dev = device.type
@@ -115,7 +115,8 @@ def run_one(spec: dict) -> dict:
                       retain_batch_size=B, gradient_checkpointing=spec["grad_ckpt"] == "on").validate()
     params = [p for p in unet.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=unet, model_parameters=params, config=deepspeed_config(cfg, world),
-                                      optimizer=GuardedAdamW(params, lr=1e-5))
+                                      optimizer=torch.optim.AdamW(params, lr=1e-5))
+    StepGuard(engine.basic_optimizer)  # the trainer's finiteness check is part of its step
     cond = RandomConditioner(unet, 8, device, dtype)
     c = unet.config
     h = spec["resolution"] // 8

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -19,41 +20,47 @@ PARAM_SUBSETS = ("full", "attn2", "non-attn2")
 FORGET_TARGETS = ("esd", "anchor", "noise")
 
 
+def num(default, lo=None, hi=None, *, above=None):
+    """A numeric config field with its valid range (lo <= x <= hi, and x > above), checked by
+    `TrainConfig.validate` together with finiteness: every range lives next to its key."""
+    return field(default=default, metadata={"range": (lo, hi, above)})
+
+
 @dataclass
 class SaddleConfig:
-    tau: float = 0.2            # constraint level, as a fraction of G0 (the original model's forget gap)
-    eta_lambda: float = 0.1     # dual step size, in units of 1/G0
-    lambda_init: float = 1.0
-    lambda_max: float = 10.0
-    gap_ema: float = 0.9        # Ĝ = running mean of G with this decay
-    g0_batches: int = 8         # forget batches averaged to measure G0 before training
+    tau: float = num(0.2, above=0)            # constraint level, as a fraction of G0 (the original model's forget gap)
+    eta_lambda: float = num(0.1, 0)     # dual step size, in units of 1/G0
+    lambda_init: float = num(1.0, 0)
+    lambda_max: float = num(10.0, above=0)
+    gap_ema: float = num(0.9, 0, 1)        # Ĝ = running mean of G with this decay
+    g0_batches: int = num(8, 1)         # forget batches averaged to measure G0 before training
 
 
 @dataclass
 class MethodConfig:
-    alpha: float = 0.25         # OVW: weight of G (0.25: the digits comparison, benchmarks/RESULTS.md)
-    eta: float = 1.0            # ESD negative-guidance strength (the paper's eta)
-    beta: float = 1.0           # GA: weight of the ascent term
-    inner_steps: int = 2        # EraseDiff: inner steps on the forget loss
-    inner_lr: float = 1e-3      # EraseDiff: inner SGD step size
-    lambda_b: float = 0.1       # EraseDiff: weight of (f(θ) − f̂)
-    mask_ratio: float = 0.5     # SalUn: share of parameters in the saliency mask
-    salun_alpha: float = 0.5    # SalUn: weight of the retain loss
+    alpha: float = num(0.25, above=0)         # OVW: weight of G (0.25: the digits comparison, benchmarks/RESULTS.md)
+    eta: float = num(1.0, 0)            # ESD negative-guidance strength (the paper's eta)
+    beta: float = num(1.0, 0)           # GA: weight of the ascent term
+    inner_steps: int = num(2, 1)        # EraseDiff: inner steps on the forget loss
+    inner_lr: float = num(1e-3, above=0)      # EraseDiff: inner SGD step size
+    lambda_b: float = num(0.1, 0)       # EraseDiff: weight of (f(θ) − f̂)
+    mask_ratio: float = num(0.5, hi=1, above=0)     # SalUn: share of parameters in the saliency mask
+    salun_alpha: float = num(0.5, 0)    # SalUn: weight of the retain loss
     retain_target: str = "teacher"  # "teacher" (distillation) or "noise" (data mode only)
 
 
 @dataclass
 class EvalConfig:
-    every: int = 50             # in-training evaluation every N steps (0: only at the end)
-    forget_samples: int = 100   # final evaluation: samples over the forget prompts
-    retain_samples_per_prompt: int = 20
-    train_forget_samples: int = 30   # in-training evaluation (cheaper)
-    train_retain_samples_per_prompt: int = 6
-    num_inference_steps: int = 25
-    guidance_scale: float = 4.0
-    grid_seeds: int = 4
+    every: int = num(50, 0)             # in-training evaluation every N steps (0: only at the end)
+    forget_samples: int = num(100, 1)   # final evaluation: samples over the forget prompts
+    retain_samples_per_prompt: int = num(20, 1)
+    train_forget_samples: int = num(30, 1)   # in-training evaluation (cheaper)
+    train_retain_samples_per_prompt: int = num(6, 1)
+    num_inference_steps: int = num(25, 1)
+    guidance_scale: float = num(4.0, 0)
+    grid_seeds: int = num(4, 1)
     stop_when_forgotten: bool = False  # stop at the first evaluation where the forget criterion holds
-    forget_threshold: float = 0.10     # digits world: the forget criterion is forget_accuracy <= this
+    forget_threshold: float = num(0.10, 0, 1)     # digits world: the forget criterion is forget_accuracy <= this
     clip_model: str | None = None      # a local CLIP model folder (transformers) for CLIPScore; none: not computed
 
 
@@ -65,32 +72,32 @@ class TrainConfig:
     forget_prompts: Any = None       # list of prompts, or a path to a file with one prompt per line
     retain_prompts: Any = None
     anchor_prompts: Any = None       # one per forget prompt, or a single one for all
-    forget_digit: int = 3            # digits world only, when forget_prompts is not given
+    forget_digit: int = num(3, 0, 9)            # digits world only, when forget_prompts is not given
     forget_target: str = "esd"
     forget_data_dir: str | None = None  # data mode: an image folder with metadata.jsonl ({"file_name", "text"})
     retain_data_dir: str | None = None  # data mode for the retain set (else data-free from retain_prompts)
     output_dir: str = "outputs/digits-saddle"
     overwrite: bool = False
-    max_steps: int = 400
-    seed: int = 0
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    forget_batch_size: int = 16
-    retain_batch_size: int = 16
-    gradient_accumulation_steps: int = 1
-    zero_stage: int = 0
+    max_steps: int = num(400, 1)
+    seed: int = num(0, 0)
+    lr: float = num(2e-4, above=0)
+    weight_decay: float = num(0.0, 0)
+    forget_batch_size: int = num(16, 1)
+    retain_batch_size: int = num(16, 1)
+    gradient_accumulation_steps: int = num(1, 1)
+    zero_stage: int = num(0, 0, 3)
     deepspeed_config: str | None = None  # a DeepSpeed JSON; default: configs/ds_zero{zero_stage}.json
     mixed_precision: str = "no"      # no | bf16 | fp16
     gradient_checkpointing: bool = False
     teacher: str = "auto"            # auto | copy | shared: shared = no second copy of frozen weights (params != full, ZeRO < 3)
-    grad_clip: float = 1.0
-    forget_samples_per_prompt: int = 10  # data-free mode: teacher samples cached per forget prompt
-    retain_samples_per_prompt: int = 10
-    sample_steps: int = 25           # data-free mode: DDIM steps for the teacher samples
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 1        # DeepSpeed checkpoints kept in output_dir/checkpoints (newest first)
-    log_every: int = 10
-    max_nonfinite_steps: int = 5     # steps in a row with a non-finite loss/gradient (each skipped) before the run stops
+    grad_clip: float = num(1.0, 0)  # 0: no clipping
+    forget_samples_per_prompt: int = num(10, 1)  # data-free mode: teacher samples cached per forget prompt
+    retain_samples_per_prompt: int = num(10, 1)
+    sample_steps: int = num(25, 1)           # data-free mode: DDIM steps for the teacher samples
+    checkpoint_every: int = num(100, 0)  # 0: no checkpoints
+    keep_checkpoints: int = num(1, 1)        # DeepSpeed checkpoints kept in output_dir/checkpoints (newest first)
+    log_every: int = num(10, 1)
+    max_nonfinite_steps: int = num(5, 1)     # steps in a row with a non-finite loss/gradient (each skipped) before the run stops
     cache_dir: str | None = None
     saddle: SaddleConfig = field(default_factory=SaddleConfig)
     method_args: MethodConfig = field(default_factory=MethodConfig)
@@ -109,23 +116,43 @@ class TrainConfig:
             raise FastUnlearnError(f"teacher must be auto, copy or shared, got {self.teacher!r}")
         if self.teacher == "shared" and (self.params == "full" or self.zero_stage == 3):
             raise FastUnlearnError("teacher: shared needs a parameter subset (params: attn2 or non-attn2) and ZeRO stage < 3")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise FastUnlearnError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        check_ranges(self)
+        if self.saddle.lambda_init > self.saddle.lambda_max:
+            raise FastUnlearnError(f"saddle.lambda_init ({self.saddle.lambda_init}) must not exceed saddle.lambda_max "
+                                   f"({self.saddle.lambda_max})")
         if self.method_args.retain_target not in ("teacher", "noise"):
             raise FastUnlearnError("method_args.retain_target must be teacher or noise")
-        for name in ("max_steps", "forget_batch_size", "retain_batch_size", "gradient_accumulation_steps",
-                     "forget_samples_per_prompt", "retain_samples_per_prompt", "sample_steps", "keep_checkpoints",
-                     "max_nonfinite_steps"):
-            if getattr(self, name) < 1:
-                raise FastUnlearnError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not str(self.output_dir).strip():
+            raise FastUnlearnError("output_dir is empty: give a folder with --output-dir")
+        if not str(self.model).strip():
+            raise FastUnlearnError("model is empty: give a diffusers folder, a cached hub id or 'digits' with --model")
         if self.eval.clip_model and not Path(self.eval.clip_model).is_dir():
             raise FastUnlearnError(f"eval.clip_model {self.eval.clip_model} is not a folder (a local CLIP model)")
-        if not 0 <= self.forget_digit <= 9:
-            raise FastUnlearnError(f"forget_digit must be 0..9, got {self.forget_digit}")
         return self
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_ranges(obj, prefix: str = "") -> None:
+    """Every numeric field of a config dataclass tree is finite and inside its declared range (`num`)."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, f"{key}.")
+            continue
+        if "range" not in f.metadata:
+            continue
+        lo, hi, above = f.metadata["range"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise FastUnlearnError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise FastUnlearnError(f"{key} must be a finite number, got {value}")
+        bounds = [f">= {lo}" if lo is not None else None, f"> {above}" if above is not None else None,
+                  f"<= {hi}" if hi is not None else None]
+        if ((lo is not None and value < lo) or (hi is not None and value > hi)
+                or (above is not None and value <= above)):
+            raise FastUnlearnError(f"{key} must be {' and '.join(b for b in bounds if b)}, got {value}")
 
 
 def _coerce(value, typ, key):
@@ -136,6 +163,8 @@ def _coerce(value, typ, key):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
         typ = next(a for a in get_args(typ) if a is not type(None))
+    if value is None or (typ in (int, float) and isinstance(value, bool)):
+        raise FastUnlearnError(f"config key {key!r} expects {getattr(typ, '__name__', typ)}, got {value!r}")
     try:
         if typ is bool:
             if isinstance(value, str):
@@ -191,13 +220,21 @@ def load_config(path: str | None) -> TrainConfig:
     return cfg
 
 
+def _exists(path: Path) -> bool:
+    """Path.exists that answers False for strings no file system accepts as a path (a long prompt)."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
 def read_prompts(value, what: str) -> list[str] | None:
     """A prompt list from a list, a single string, or a path to a text file (one prompt per line)."""
     if value is None:
         return None
     if isinstance(value, str):
         p = Path(value)
-        if p.suffix in (".txt", ".csv", ".json") or p.exists():
+        if p.suffix in (".txt", ".csv", ".json") or _exists(p):
             if not p.is_file():
                 raise FastUnlearnError(f"{what} file {value} does not exist")
             try:

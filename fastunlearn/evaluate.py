@@ -155,7 +155,7 @@ def _compatible(a, b) -> None:
 
 def main(argv=None) -> int:
     import argparse
-    import json
+    import math
     from pathlib import Path
 
     from .errors import FastUnlearnError, cli_errors
@@ -184,7 +184,15 @@ def main(argv=None) -> int:
         p.add_argument("--cache-dir", default=None, help="cache directory (default: $FASTUNLEARN_CACHE)")
         args = p.parse_args(argv)
         from .config import read_prompts
+        from .outputs import check_output_path, strict_json
 
+        for flag, value in (("--seeds", args.seeds), ("--steps", args.steps)):
+            if value < 1:
+                raise FastUnlearnError(f"{flag} must be at least 1, got {value}")
+        if args.guidance_scale is not None and not (math.isfinite(args.guidance_scale) and args.guidance_scale >= 0):
+            raise FastUnlearnError(f"--guidance-scale must be a finite number >= 0, got {args.guidance_scale}")
+        out = Path(args.out)
+        check_output_path(out, "--out")  # before any sampling
         original = load_pipeline(args.original, cache_dir=args.cache_dir)
         unlearned = load_pipeline(args.unlearned, cache_dir=args.cache_dir)
         _compatible(original, unlearned)
@@ -196,8 +204,6 @@ def main(argv=None) -> int:
             from .digits import digit_prompts
 
             prompts = [digit_prompts(d)[0] for d in range(10)]
-        if args.seeds < 1:
-            raise FastUnlearnError("--seeds must be at least 1")
         kind = args.perceptual or ("digits" if digits else "alex")
         if kind == "digits":
             from .digits import load_world
@@ -215,7 +221,6 @@ def main(argv=None) -> int:
         pairs = [(q, s) for q in prompts for s in range(args.seeds)]
         res = integrity(original, unlearned, [q for q, _ in pairs], [s for _, s in pairs], sampler, perceptual,
                         cache_dir=args.cache_dir)
-        out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         per_prompt = {q: float(res["values"][[i for i, (r, _) in enumerate(pairs) if r == q]].mean()) for q in prompts}
         report = {"original": args.original, "unlearned": args.unlearned, "integrity": res["mean"],
@@ -227,7 +232,7 @@ def main(argv=None) -> int:
                 report[f"clip_score_{who}"] = float(clip(res[key], [q for q, _ in pairs]).mean())
         else:
             report["notes"].append("CLIPScore not computed: no --clip-model given")
-        (out / "report.json").write_text(json.dumps(report, indent=2))
+        (out / "report.json").write_text(strict_json(report))
         rows = [(q, res["teacher_images"][[i for i, (r, _) in enumerate(pairs) if r == q]][:6],
                  res["student_images"][[i for i, (r, _) in enumerate(pairs) if r == q]][:6]) for q in prompts[:6]]
         save_comparison_grid(out / "grid.png", rows, f"I = {res['mean']:.4f} ± {res['ci95']:.4f} ({res['perceptual']})")

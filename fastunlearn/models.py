@@ -41,18 +41,16 @@ def load_pipeline(model: str, torch_dtype=None, cache_dir=None):
     if looks_local:
         if not path.is_dir():
             raise FastUnlearnError(f"model path {model} does not exist")
-        if not (path / "model_index.json").is_file():
-            raise FastUnlearnError(f"model path {model} is not a diffusers pipeline (no model_index.json)")
+        check_local_pipeline(path)
     kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
     try:
         pipe = DiffusionPipeline.from_pretrained(str(path) if looks_local else model, use_safetensors=True, **kwargs)
-    except OSError as exc:
+    except Exception as exc:  # a one-line cause instead of the loader's traceback
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-        why = ("no such local folder, and offline (HF_HUB_OFFLINE=1) with no hub copy in the local cache"
-               if offline else str(exc).splitlines()[0])
-        raise FastUnlearnError(f"cannot load model {model!r}: {why}") from None
-    except ValueError as exc:
-        raise FastUnlearnError(f"cannot load model {model!r}: {str(exc).splitlines()[0]}") from None
+        if not looks_local and isinstance(exc, OSError) and offline:
+            first = "not a local folder, and offline (HF_HUB_OFFLINE=1) with no copy of that hub id in the local cache"
+        raise FastUnlearnError(f"cannot load model {model!r}: {first}") from None
     if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
         raise FastUnlearnError(f"model {model!r} is a {type(pipe).__name__}; fastunlearn supports Stable Diffusion "
                                "1.x/2.x (StableDiffusionPipeline) and SDXL (StableDiffusionXLPipeline)")
@@ -61,6 +59,70 @@ def load_pipeline(model: str, torch_dtype=None, cache_dir=None):
         raise FastUnlearnError(f"model {model!r} has a tokenizer without vocabulary ({len(tok)} tokens)")
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+_NO_WEIGHTS = ("Scheduler", "Tokenizer", "TokenizerFast", "ImageProcessor", "FeatureExtractor", "Processor")
+
+
+def check_local_pipeline(path: Path) -> None:
+    """Name what is wrong with a local pipeline folder before diffusers tries it: a missing or broken
+    model_index.json, a component folder that is missing, weights only in pickle (.bin) form, or a
+    safetensors file that is truncated or corrupt (its header is read; nothing is unpickled)."""
+    from safetensors import safe_open
+
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise FastUnlearnError(f"model path {path} is not a diffusers pipeline (no model_index.json)")
+    try:
+        components = json.loads(index.read_text())
+    except (ValueError, OSError) as exc:
+        raise FastUnlearnError(f"model path {path}: model_index.json is not valid JSON ({exc})") from None
+    if not isinstance(components, dict):
+        raise FastUnlearnError(f"model path {path}: model_index.json must be a JSON object")
+    for name, spec in components.items():
+        if name.startswith("_") or not (isinstance(spec, list) and len(spec) == 2 and spec[1]):
+            continue  # settings, or an optional component that is absent (null)
+        folder = path / name
+        if not folder.is_dir():
+            raise FastUnlearnError(f"model path {path} is incomplete: model_index.json lists {name} ({spec[1]}) "
+                                   f"but there is no {name}/ folder")
+        if str(spec[1]).endswith(_NO_WEIGHTS):
+            continue
+        if not (folder / "config.json").is_file():
+            raise FastUnlearnError(f"model path {path} is incomplete: {name}/config.json is missing")
+        shards = sorted(folder.glob("*.safetensors"))
+        if not shards:
+            pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.ckpt"))
+            if pickles:
+                raise FastUnlearnError(
+                    f"model path {path}: {name}/ has weights only as {pickles[0]} (a pickle), and fastunlearn loads "
+                    "safetensors only: convert it, e.g. load it once and save_pretrained(..., safe_serialization=True)")
+            raise FastUnlearnError(f"model path {path} is incomplete: {name}/ has no weights file (*.safetensors)")
+        for shard in shards:
+            try:
+                with safe_open(str(shard), framework="pt"):
+                    pass
+            except Exception as exc:
+                why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise FastUnlearnError(f"model path {path}: {name}/{shard.name} is truncated or corrupt ({why}); "
+                                       "copy or download it again") from None
+
+
+def prompt_overflow(pipe, prompts) -> list[str]:
+    """One warning per prompt longer than a text encoder takes, naming how many tokens are dropped
+    (diffusers truncates such prompts silently once its logging is quiet)."""
+    out = []
+    for tok in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)):
+        if tok is None:
+            continue
+        limit = tok.model_max_length
+        for p in dict.fromkeys(prompts):
+            n = len(tok(p, truncation=False).input_ids)
+            msg = (f"prompt {p[:60] + ('...' if len(p) > 60 else '')!r} is {n} tokens long but the text encoder takes "
+                   f"{limit}: the last {n - limit} token(s) are dropped")
+            if n > limit and msg not in out:
+                out.append(msg)
+    return out
 
 
 def is_sdxl(pipe) -> bool:

@@ -19,6 +19,7 @@ if __name__ == "__main__":  # run as a script: keep fastunlearn/ itself off sys.
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
@@ -35,6 +36,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from fastunlearn.config import TrainConfig, load_config, read_prompts, set_dotted  # noqa: E402
 from fastunlearn.errors import FastUnlearnError, cli_errors  # noqa: E402
 from fastunlearn.models import SharedTeacher  # noqa: E402
+from fastunlearn.outputs import RunFolder, strict_json  # noqa: E402
 
 log = logging.getLogger("fastunlearn")
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -115,7 +117,21 @@ def init_distributed():
     return device, dist.get_rank(), dist.get_world_size()
 
 
+def default_deepspeed_config(stage: int) -> dict:
+    """The DeepSpeed settings used when no `deepspeed_config` is given: the same as the shipped
+    `configs/ds_zero{stage}.json` (a test keeps the two equal)."""
+    zero: dict = {"stage": stage}
+    if stage >= 2:
+        zero.update(overlap_comm=True, contiguous_gradients=True, reduce_bucket_size=5e8)
+    if stage == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=True, stage3_param_persistence_threshold=1e5)
+    return {"zero_optimization": zero, "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9}
+
+
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
+    """The DeepSpeed config of the run: the user's JSON (or the shipped default for the ZeRO stage) with
+    the keys fastunlearn owns filled in. A key set in both places must agree, or it is a one-line error:
+    nothing the user wrote is silently ignored."""
     micro = cfg.forget_batch_size + cfg.retain_batch_size
     if cfg.deepspeed_config:
         path = Path(cfg.deepspeed_config)
@@ -128,7 +144,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
         if not isinstance(ds, dict):
             raise FastUnlearnError(f"DeepSpeed config {path} must be a JSON object")
     else:
-        ds = {"zero_optimization": {"stage": cfg.zero_stage}}
+        ds = default_deepspeed_config(cfg.zero_stage)
     zero = ds.setdefault("zero_optimization", {})
     if zero.setdefault("stage", cfg.zero_stage) != cfg.zero_stage:
         raise FastUnlearnError(f"DeepSpeed config {cfg.deepspeed_config} says ZeRO stage {zero['stage']} but "
@@ -143,7 +159,18 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
                 f"{cfg.forget_batch_size} + retain {cfg.retain_batch_size}) x accumulation "
                 f"{cfg.gradient_accumulation_steps} x {world_size} processes = {expected}")
         ds[key] = want
-    ds.setdefault("gradient_clipping", cfg.grad_clip)
+    owned = [(ds, "gradient_clipping", "grad_clip", cfg.grad_clip)]
+    if "optimizer" in ds:  # DeepSpeed builds it; lr and weight decay still come from the run's config
+        if not isinstance(ds["optimizer"], dict):
+            raise FastUnlearnError("invalid DeepSpeed config: \"optimizer\" must be a JSON object")
+        params = ds["optimizer"].setdefault("params", {})
+        owned += [(params, "lr", "lr", cfg.lr), (params, "weight_decay", "weight_decay", cfg.weight_decay)]
+    for where, key, ours, want in owned:
+        if key in where and where[key] != want:
+            name = key if where is ds else f"optimizer.params.{key}"
+            raise FastUnlearnError(f"DeepSpeed config {name}={where[key]} contradicts {ours}={want}: "
+                                   f"set it in one place (--set {ours}=...)")
+        where[key] = want
     ds.setdefault("steps_per_print", 10 ** 9)
     ds.setdefault("zero_allow_untested_optimizer", True)
     if cfg.mixed_precision == "bf16":
@@ -214,11 +241,15 @@ def teacher_latents(pipe, prompts, per_prompt, steps, guidance, cache_key, cfg: 
 
     folder = ensure_writable_dir(cache_root(cfg.cache_dir) / "teacher-latents") if rank == 0 else None
     path = cache_root(cfg.cache_dir) / "teacher-latents" / f"{cache_key}.safetensors"
-    if path.is_file():
+    lat = None
+    if rank == 0 and path.is_file():
         try:
-            return load_file(str(path))["latents"]
+            lat = load_file(str(path))["latents"]
         except Exception:  # a partial file from an interrupted run: sample again
-            pass
+            lat = None
+    lat = _from_rank0(lat)  # rank 0 decides for all: caches may be node-local, and sampling is collective
+    if lat is not None:
+        return lat
     all_prompts = [p for p in prompts for _ in range(per_prompt)]
     seeds = [10_000 + i for p in prompts for i in range(per_prompt)]
     lat = sample_sharded(pipe, all_prompts, seeds, SamplerConfig(steps, guidance), output_type="latent")
@@ -245,34 +276,34 @@ def unet_call(model, items, cond, device, dtype, grad: bool) -> list:
 # Numerical guard and fault injection
 
 
-class GuardedAdamW(torch.optim.AdamW):
-    """AdamW that makes no update (moments and step count untouched) when asked to (`skip_next`, set when
-    a loss term is not finite) or when a gradient it receives is not finite. DeepSpeed calls its step
-    on the full parameters (ZeRO 0) or on this rank's fp32 partition (ZeRO 1-3, whose own overflow
-    check may skip first)."""
+class StepGuard:
+    """Turns an optimizer's `step` into a no-op (moments and step count untouched) when asked to
+    (`skip_next`, set when a loss term is not finite) or when a gradient it receives is not finite.
+    It wraps the instance's `step`, so fastunlearn's AdamW and an optimizer DeepSpeed builds from an
+    "optimizer" section are guarded alike. DeepSpeed calls that step on the full parameters (ZeRO 0) or
+    on each rank's partition (ZeRO 1-3): the decision is all-reduced, so every rank skips together."""
 
-    skip_next = False
-    skipped = False
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer, self.skip_next, self.skipped = optimizer, False, False
+        inner = optimizer.step
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        bad = self.skip_next or (bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()))
-        self.skip_next, self.skipped = False, bad
-        if bad:
-            return None
-        return super().step(closure)
+        @functools.wraps(inner)
+        def step(*args, **kwargs):
+            with torch.no_grad():
+                grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+                bad = self.skip_next or (bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()))
+            bad = _all_reduce(float(bad), "max") > 0
+            self.skip_next, self.skipped = False, bad
+            return None if bad else inner(*args, **kwargs)
 
-
-class _NoGuard:  # a DeepSpeed-built optimizer (an "optimizer" section in the DeepSpeed config)
-    skip_next = False
-    skipped = False
+        optimizer.step = step
 
 
-def _fault(point: str, step: int, rank: int, batch=None):
+def _fault(point: str, step: int, rank: int, batch=None, model=None):
     """Test hook: FASTUNLEARN_FAULT="point:step[:rank]" with point `kill` (SIGKILL this process when the
     step starts), `checkpoint-written` (SIGKILL after a checkpoint's files are written, before it is
-    committed) or `nan` (NaN in that step's forget latents); step `*` is every step."""
+    committed), `nan` (NaN in that step's forget latents) or `nan-grad` (NaN in one gradient element of
+    the first trained parameter, the loss staying finite); step `*` is every step."""
     spec = os.environ.get("FASTUNLEARN_FAULT")
     if not spec:
         return
@@ -283,6 +314,16 @@ def _fault(point: str, step: int, rank: int, batch=None):
         os.kill(os.getpid(), signal.SIGKILL)
     if name == "nan" and point == "batch":
         batch.x_f[0].view(-1)[0] = float("nan")
+    if name == "nan-grad" and point == "batch":
+        param = next(p for p in model.parameters() if p.requires_grad)
+
+        def poison(grad):
+            handle.remove()
+            grad = grad.clone()
+            grad.view(-1)[0] = float("nan")
+            return grad
+
+        handle = param.register_hook(poison)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -292,19 +333,40 @@ def _fault(point: str, step: int, rank: int, batch=None):
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         from fastunlearn.methods import make_method
-        from fastunlearn.models import Conditioner, fingerprint, load_pipeline, param_subset
 
         self.cfg = cfg
         self.t_start = time.time()
         self.method = make_method(cfg)
         forget, retain, anchors, self.digits = resolve_prompts(cfg)
-        self.out = Path(cfg.output_dir)
-        check_output_dir(self.out, cfg)
         if self.method.needs_full_gradient and cfg.zero_stage == 3:
             raise FastUnlearnError(f"method {cfg.method} needs full gradients/weights on every rank, which ZeRO-3 "
                                    "partitions: use --zero-stage 2")
+        self.out = Path(cfg.output_dir)
+        self.rank = int(os.environ.get("RANK", "0"))  # the launcher's; the process group comes later
+        self.notes, self._pending_log = [], []
+        # The output folder is locked for the life of the run, but nothing in it is moved or deleted
+        # until every input below has been checked (RunFolder.prepare, at the start of train()).
+        self.folder = RunFolder(self.out, cfg.to_dict(), cfg.overwrite, rank0=self.rank == 0)
+        self.folder.check_path()
+        self.folder.lock()
+        try:
+            self.folder.plan()
+            self._build(forget, retain, anchors)
+        except BaseException:
+            self.folder.abandon()
+            raise
+
+    def _build(self, forget, retain, anchors):
+        """Load and check everything the run needs: pipeline, process group, DeepSpeed config, teacher,
+        conditioning, data, engine. Writes nothing to the output folder."""
+        from fastunlearn.models import Conditioner, fingerprint, load_pipeline, param_subset, prompt_overflow
+
+        cfg = self.cfg
         self.dtype = DTYPES[cfg.mixed_precision]
         self.pipe = load_pipeline(cfg.model, torch_dtype=self.dtype, cache_dir=cfg.cache_dir)  # bad paths fail first
+        for msg in prompt_overflow(self.pipe, forget + retain + anchors):
+            self.warn(msg)
+            self.note(msg)
         self.device, self.rank, self.world = init_distributed()
         self.ds_config = deepspeed_config(cfg, self.world)  # a contradictory config fails before any sampling
         self.pipe.to(self.device)
@@ -341,19 +403,18 @@ class Trainer:
         import deepspeed
 
         params = [p for p in self.student.parameters() if p.requires_grad]
-        optimizer = None
+        optimizer = None  # with an "optimizer" section DeepSpeed builds it (lr and weight decay from cfg)
         if "optimizer" not in self.ds_config:
-            optimizer = GuardedAdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         try:
             self.engine, self.optimizer, _, _ = deepspeed.initialize(
                 model=self.student, model_parameters=params, optimizer=optimizer, config=self.ds_config)
         except (ValueError, AssertionError, TypeError) as exc:
             raise FastUnlearnError(f"invalid DeepSpeed config: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-        self.guard = optimizer if isinstance(optimizer, GuardedAdamW) else _NoGuard()
+        self.guard = StepGuard(self.engine.basic_optimizer)  # the optimizer DeepSpeed steps, whoever built it
         self.step = 0
         self.history = []
         self.steps_to_converge = None
-        self.notes = []
         self.nonfinite_in_row = 0
         self.skipped_steps = []
 
@@ -570,7 +631,7 @@ class Trainer:
         from fastunlearn.checkpoint import check_no_code, latest_complete, partial_checkpoints
 
         ckpt = self.out / "checkpoints"
-        partial = partial_checkpoints(ckpt)
+        partial, tag = _from_rank0((partial_checkpoints(ckpt), latest_complete(ckpt)) if self.rank == 0 else None)
         if partial:
             self.warn(f"ignoring incomplete checkpoint(s) {', '.join(p.name for p in partial)} left by an interrupted run")
             if self.world > 1:
@@ -578,7 +639,6 @@ class Trainer:
             if self.rank == 0:
                 for p in partial:
                     shutil.rmtree(p, ignore_errors=True)
-        tag = latest_complete(ckpt)
         if tag is None:
             return False
         check_no_code(ckpt / tag)
@@ -604,26 +664,42 @@ class Trainer:
 
     # ---- the loop --------------------------------------------------------------------------------
     def log(self, msg: str):
-        if self.rank == 0:
+        if self.rank != 0:
+            return
+        self._pending_log.append(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+        if self.folder.action_done:  # before that the folder may still hold the run being replaced
             with open(self.out / "train.log", "a") as f:
-                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+                f.writelines(self._pending_log)
+            self._pending_log.clear()
 
     def train(self):
+        """Train, evaluate and publish. Only now is the output folder changed (RunFolder.prepare)."""
+        try:
+            self.folder.prepare()
+            if self.world > 1:
+                dist.barrier()  # the folder is ready before any rank writes a checkpoint into it
+            self.log("output folder ready")
+            self._train()
+        finally:
+            self.folder.release()
+
+    def _train(self):
         cfg = self.cfg
-        if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         self.method.setup(self)
         self.maybe_resume()
         self.log(f"method {cfg.method} on {cfg.model}, params {cfg.params}, ZeRO {cfg.zero_stage}, "
                  f"{self.world} process(es), {sum(p.numel() for p in self.student.parameters() if p.requires_grad)} trained parameters")
+        group = self.engine.basic_optimizer.param_groups[0]
+        self.log(f"optimizer {type(self.engine.basic_optimizer).__name__} (built by "
+                 f"{'DeepSpeed' if 'optimizer' in self.ds_config else 'fastunlearn'}), lr {group['lr']:g}, "
+                 f"weight_decay {group.get('weight_decay', 0):g}, gradient_clipping {self.ds_config['gradient_clipping']:g}")
         evaluator = self.build_evaluator(final=False) if cfg.eval.every else None
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"unlearning ({cfg.method})", disable=self.rank != 0)
         while self.step < cfg.max_steps:
             logs, bad_terms = {}, []
             for micro in range(cfg.gradient_accumulation_steps):
                 st = self.make_step(self.step, micro)
-                _fault("batch", self.step, self.rank, st)
+                _fault("batch", self.step, self.rank, st, self.engine.module)
                 loss, terms = self.method.loss(st)
                 values = {**{k: float(v.detach()) for k, v in terms.items()}, "loss": float(loss.detach())}
                 nonfinite = [k for k, v in values.items() if not math.isfinite(v)]
@@ -729,9 +805,7 @@ class Trainer:
     def save_outputs(self, report, t_imgs, s_imgs, evaluator, unet):
         from fastunlearn.evaluate import save_comparison_grid, with_unet
 
-        tmp = self.out / ".final-tmp"  # everything is written here first, then moved into place
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp = self.folder.tmp_dir()  # everything is written here first, then moved into place
         with_unet(self.pipe, unet).save_pretrained(str(tmp), safe_serialization=True)
         rows = []
         g = self.cfg.eval.grid_seeds
@@ -746,76 +820,9 @@ class Trainer:
         if report.get("integrity_retain") is not None:
             title += f" (I_retain {report['integrity_retain']:.3f}, I_forget {report['integrity_forget']:.3f})"
         save_comparison_grid(tmp / "grid.png", rows, title)
-        (tmp / "report.json").write_text(json.dumps(report, indent=2))
-        publish(tmp, self.out)
-        shutil.rmtree(self.out / PREVIOUS, ignore_errors=True)  # the run --overwrite replaced, kept until now
+        (tmp / "report.json").write_text(strict_json(report))
+        self.folder.publish(tmp)  # and the run --overwrite replaced, kept until now, is deleted
         self.log("finished: " + json.dumps({k: v for k, v in report.items() if not isinstance(v, (list, dict))}))
-
-
-PREVIOUS = ".previous-run"
-RESUME_IGNORES = {"overwrite", "max_steps", "output_dir", "cache_dir", "log_every", "checkpoint_every",
-                  "keep_checkpoints", "max_nonfinite_steps", "eval"}
-
-
-def check_output_dir(out: Path, cfg: TrainConfig):
-    """Refuse a finished run unless --overwrite; refuse to resume an unfinished run with other settings.
-    A run being replaced is moved into output_dir/.previous-run and deleted only when the new one finishes."""
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    if (out / "report.json").is_file():
-        if not cfg.overwrite:
-            raise FastUnlearnError(f"output directory {out} holds a finished run; pass --overwrite to replace it")
-        if rank0:
-            _move_aside(out)
-        return
-    saved = out / "config.json"
-    if (out / "checkpoints").is_dir() and saved.is_file():
-        try:
-            old = json.loads(saved.read_text())
-        except ValueError:
-            old = {}
-        diff = _config_difference(old, cfg.to_dict())
-        if diff:
-            if not cfg.overwrite:
-                raise FastUnlearnError(f"output directory {out} holds an unfinished run with other settings ({diff}): "
-                                       "rerun with its settings to resume it, or pass --overwrite to start over")
-            if rank0:
-                _move_aside(out)
-
-
-def _move_aside(out: Path):
-    prev = out / PREVIOUS
-    shutil.rmtree(prev, ignore_errors=True)
-    prev.mkdir()
-    for entry in out.iterdir():
-        if entry.name != PREVIOUS:
-            os.replace(entry, prev / entry.name)
-
-
-def _config_difference(old: dict, new: dict, prefix: str = "") -> str | None:
-    for key in sorted(set(old) | set(new)):
-        if not prefix and key in RESUME_IGNORES:
-            continue
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            found = _config_difference(a, b, f"{prefix}{key}.")
-            if found:
-                return found
-        elif a != b:
-            return f"{prefix}{key}: {a!r} -> {b!r}"
-    return None
-
-
-def publish(tmp: Path, out: Path):
-    """Move the finished files from `tmp` into `out`, each with one atomic rename: the pipeline's
-    components first, then model_index.json (so the folder loads as a pipeline only once complete),
-    then grid.png, and report.json (which marks the run finished) last."""
-    last = {"model_index.json": 1, "grid.png": 2, "report.json": 3}
-    for entry in sorted(tmp.iterdir(), key=lambda e: (last.get(e.name, 0), e.name)):
-        dest = out / entry.name
-        if dest.is_dir():
-            shutil.rmtree(dest)
-        os.replace(entry, dest)
-    tmp.rmdir()
 
 
 def _hash(prompts, n) -> str:
@@ -824,13 +831,32 @@ def _hash(prompts, n) -> str:
     return hashlib.sha256(json.dumps([prompts, n]).encode()).hexdigest()[:10]
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _comm_device() -> torch.device:
+    """Where collective tensors must live: NCCL takes only CUDA tensors, gloo CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def _all_reduce(value: float, op: str = "mean") -> float:
     """`value` reduced over all ranks: "mean" or "max" (itself in a single process)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor([float(value)], dtype=torch.float64)
+    if _distributed():
+        t = torch.tensor([float(value)], dtype=torch.float64, device=_comm_device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         return float(t) / (1 if op == "max" else dist.get_world_size())
     return float(value)
+
+
+def _from_rank0(obj):
+    """Rank 0's `obj` on every rank (itself in a single process): decisions that read local files are
+    taken once, so ranks with different local views cannot diverge."""
+    if _distributed():
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, device=_comm_device())
+        return box[0]
+    return obj
 
 
 @cli_errors

@@ -112,7 +112,7 @@ def test_overwrite_keeps_the_finished_run_until_the_new_one_finishes(base_args, 
     assert not (out / "report.json").exists()  # and the new one is not yet published
     proc = train([*args, "--overwrite", "--set", "lr=1e-3"], tmp_path)
     assert proc.returncode == 0 and "resuming from" in proc.stderr, proc.stderr[-3000:]
-    assert not (out / ".previous-run").exists() and not (out / ".final-tmp").exists()
+    assert not (out / ".previous-run").exists() and not list(out.glob(".final-tmp*"))
     assert json.loads((out / "config.json").read_text())["lr"] == 1e-3
 
 
@@ -156,20 +156,6 @@ def test_nan_every_step_stops_with_step_method_and_term(base_args, tmp_path):
     line = one_error_line(proc)
     assert "stopped at step 3: 3 steps in a row" in line and "method esd" in line and "non-finite loss term" in line
     assert not (out / "report.json").exists() and not (out / "model_index.json").exists()
-
-
-def test_guarded_adamw_makes_no_update_on_a_nonfinite_gradient():
-    from fastunlearn.train import GuardedAdamW
-
-    p = torch.nn.Parameter(torch.randn(5))
-    opt = GuardedAdamW([p], lr=0.1)
-    before = p.detach().clone()
-    p.grad = torch.tensor([1.0, float("nan"), 0.0, 2.0, 3.0])
-    opt.step()
-    assert opt.skipped and torch.equal(p.detach(), before) and not opt.state[p]
-    p.grad = torch.randn(5)
-    opt.step()
-    assert not opt.skipped and not torch.equal(p.detach(), before)
 
 
 def test_nonfinite_op_inputs_are_one_line_errors():

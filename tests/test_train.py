@@ -97,7 +97,7 @@ def test_checkpoint_restores_saddle_state_optimizer_step_and_rng(tiny_sd_path, p
             str(prompt_files / "retain.txt"), "--output-dir", str(tmp_path / "out"), *TINY,
             "--set", "checkpoint_every=2", "--max-steps", "2"]
     a = Trainer(config_from_args(argv))
-    a.out.mkdir(parents=True)
+    a.folder.prepare()
     a.method.setup(a)
     for step in range(2):
         loss, terms = a.method.loss(a.make_step(step, 0))
@@ -112,6 +112,7 @@ def test_checkpoint_restores_saddle_state_optimizer_step_and_rng(tiny_sd_path, p
     saved_weights = {k: v.clone() for k, v in a.engine.module.state_dict().items()}
     saved_opt = {k: v.clone() for k, v in a.optimizer.state_dict()["state"][0].items() if torch.is_tensor(v)}
     torch.manual_seed(1234)  # scramble the RNG; resume must restore it
+    a.folder.release()  # the output folder's lock, as at the end of a run
 
     b = Trainer(config_from_args(argv))
     assert b.maybe_resume()
