@@ -237,3 +237,18 @@ def test_bf16_and_gradient_checkpointing_switches(tiny_sd_path, prompt_files, tm
                    "--zero-stage", "2", *TINY])
     report = json.loads((out / "report.json").read_text())
     assert report["mixed_precision"] == "bf16" and report["zero_stage"] == 2
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_default_deepspeed_config_is_the_shipped_file(stage):
+    """Without deepspeed_config a run uses exactly configs/ds_zero{stage}.json (plus the keys it owns)."""
+    from fastunlearn.train import deepspeed_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"ds_zero{stage}.json"
+    shipped = json.loads(path.read_text())
+    cfg = TrainConfig(zero_stage=stage, method="ovw" if stage == 3 else "saddle").validate()
+    built = deepspeed_config(cfg, world_size=1)
+    assert {k: v for k, v in built.items() if k in shipped} == shipped
+    assert built["gradient_clipping"] == cfg.grad_clip
+    from_file = TrainConfig(zero_stage=stage, deepspeed_config=str(path)).validate()
+    assert deepspeed_config(from_file, world_size=1) == built
