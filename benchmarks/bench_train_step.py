@@ -83,9 +83,9 @@ def run_one(spec: dict) -> dict:
 
     from benchmarks.bench_common import _status_kb, env_fields
     from fastunlearn.config import TrainConfig
+    from fastunlearn.engine import StepGuard, deepspeed_config, init_distributed, unet_call
     from fastunlearn.methods import Step, make_method
     from fastunlearn.models import SharedTeacher, param_subset
-    from fastunlearn.train import StepGuard, deepspeed_config, init_distributed, unet_call
 
     device, _, world = init_distributed()
     dev = device.type
@@ -138,7 +138,7 @@ def run_one(spec: dict) -> dict:
         return Step(x_f=rows(B), x_r=rows(B), t_f=t, t_r=t.flip(0), c_f=ids, c_r=ids.flip(0), a_f=ids * 0,
                     alt_r=ids, eps_f=rows(B), eps_r=rows(B), fresh_f=rows(B),
                     student=lambda *items, grad=True: call(engine, items, grad),
-                    teacher=lambda *items: call(teacher, items, False), inner_forget_value=None)
+                    teacher=lambda *items: call(teacher, items, False))
 
     def step():
         st = batch()

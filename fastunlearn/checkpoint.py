@@ -80,3 +80,45 @@ def commit(ckpt_dir: Path, tag: str, keep: int) -> None:
     tags = sorted((p for p in ckpt_dir.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
     for old in tags[: max(0, len(tags) - keep)]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def save(engine, ckpt_dir: Path, step: int, state: dict, keep: int, rank: int, world: int) -> None:
+    """A DeepSpeed checkpoint of `step` under `.partial-step-N`, renamed to `step-N` and named in
+    `latest` once every rank has written its shard; `state` (the run's own state) travels with it.
+    Rank 0 keeps the newest `keep` (an SDXL optimizer state is tens of GB)."""
+    import torch.distributed as dist
+
+    from .engine import fault
+
+    tag = f"step-{step}"
+    engine.save_checkpoint(str(ckpt_dir), tag=PARTIAL + tag, client_state=state, save_latest=False)  # ends in a barrier
+    fault("checkpoint-written", step, rank)
+    if rank == 0:
+        commit(ckpt_dir, tag, keep)
+    if world > 1:
+        dist.barrier()
+
+
+def resume(engine, ckpt_dir: Path, rank: int, world: int, warn) -> tuple[str, dict] | None:
+    """Load the last complete checkpoint into `engine`: (its path, the run state saved with it), or None.
+    Partial checkpoints of a killed run are removed with a warning. Which checkpoint to load is decided
+    on rank 0 (every rank follows), and its files are scanned for pickled code first."""
+    import torch.distributed as dist
+
+    from .engine import from_rank0
+
+    partial, tag = from_rank0((partial_checkpoints(ckpt_dir), latest_complete(ckpt_dir)) if rank == 0 else None)
+    if partial:
+        warn(f"ignoring incomplete checkpoint(s) {', '.join(p.name for p in partial)} left by an interrupted run")
+        if world > 1:
+            dist.barrier()  # every rank has listed them before rank 0 removes them
+        if rank == 0:
+            for p in partial:
+                shutil.rmtree(p, ignore_errors=True)
+    if tag is None:
+        return None
+    check_no_code(Path(ckpt_dir) / tag)
+    path, state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    if path is None:
+        raise FastUnlearnError(f"checkpoint {Path(ckpt_dir) / tag} could not be loaded; delete it to start over")
+    return str(Path(ckpt_dir) / tag), state

@@ -1,12 +1,13 @@
 """Training configuration: one dataclass tree, read from YAML, overridden from the command line.
 
 Every key is checked: an unknown key, a wrong type or an impossible value is a one-line error.
+Each method's own settings are a section named after it (`saddle.tau`, `ovw.alpha`, ...),
+declared by the method's class in fastunlearn.methods; the list of methods comes from there too.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -14,39 +15,12 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from .errors import FastUnlearnError
+from .methods import METHOD_CLASSES
+from .settings import check_ranges, num
 
-METHODS = ("saddle", "ovw", "esd", "erasediff", "salun", "ga", "ca")
+METHODS = tuple(METHOD_CLASSES)
 PARAM_SUBSETS = ("full", "attn2", "non-attn2")
 FORGET_TARGETS = ("esd", "anchor", "noise")
-
-
-def num(default, lo=None, hi=None, *, above=None):
-    """A numeric config field with its valid range (lo <= x <= hi, and x > above), checked by
-    `TrainConfig.validate` together with finiteness: every range lives next to its key."""
-    return field(default=default, metadata={"range": (lo, hi, above)})
-
-
-@dataclass
-class SaddleConfig:
-    tau: float = num(0.2, above=0)            # constraint level, as a fraction of G0 (the original model's forget gap)
-    eta_lambda: float = num(0.1, 0)     # dual step size, in units of 1/G0
-    lambda_init: float = num(1.0, 0)
-    lambda_max: float = num(10.0, above=0)
-    gap_ema: float = num(0.9, 0, 1)        # Ĝ = running mean of G with this decay
-    g0_batches: int = num(8, 1)         # forget batches averaged to measure G0 before training
-
-
-@dataclass
-class MethodConfig:
-    alpha: float = num(0.25, above=0)         # OVW: weight of G (0.25: the digits comparison, benchmarks/RESULTS.md)
-    eta: float = num(1.0, 0)            # ESD negative-guidance strength (the paper's eta)
-    beta: float = num(1.0, 0)           # GA: weight of the ascent term
-    inner_steps: int = num(2, 1)        # EraseDiff: inner steps on the forget loss
-    inner_lr: float = num(1e-3, above=0)      # EraseDiff: inner SGD step size
-    lambda_b: float = num(0.1, 0)       # EraseDiff: weight of (f(θ) − f̂)
-    mask_ratio: float = num(0.5, hi=1, above=0)     # SalUn: share of parameters in the saliency mask
-    salun_alpha: float = num(0.5, 0)    # SalUn: weight of the retain loss
-    retain_target: str = "teacher"  # "teacher" (distillation) or "noise" (data mode only)
 
 
 @dataclass
@@ -74,6 +48,8 @@ class TrainConfig:
     anchor_prompts: Any = None       # one per forget prompt, or a single one for all
     forget_digit: int = num(3, 0, 9)            # digits world only, when forget_prompts is not given
     forget_target: str = "esd"
+    forget_eta: float = num(1.0, 0)  # strength of the esd target's negative guidance (the ESD paper's eta)
+    retain_target: str = "teacher"   # R's retain line against the teacher ("teacher") or the true noise ("noise", data mode)
     forget_data_dir: str | None = None  # data mode: an image folder with metadata.jsonl ({"file_name", "text"})
     retain_data_dir: str | None = None  # data mode for the retain set (else data-free from retain_prompts)
     output_dir: str = "outputs/digits-saddle"
@@ -99,8 +75,6 @@ class TrainConfig:
     log_every: int = num(10, 1)
     max_nonfinite_steps: int = num(5, 1)     # steps in a row with a non-finite loss/gradient (each skipped) before the run stops
     cache_dir: str | None = None
-    saddle: SaddleConfig = field(default_factory=SaddleConfig)
-    method_args: MethodConfig = field(default_factory=MethodConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> TrainConfig:
@@ -117,11 +91,8 @@ class TrainConfig:
         if self.teacher == "shared" and (self.params == "full" or self.zero_stage == 3):
             raise FastUnlearnError("teacher: shared needs a parameter subset (params: attn2 or non-attn2) and ZeRO stage < 3")
         check_ranges(self)
-        if self.saddle.lambda_init > self.saddle.lambda_max:
-            raise FastUnlearnError(f"saddle.lambda_init ({self.saddle.lambda_init}) must not exceed saddle.lambda_max "
-                                   f"({self.saddle.lambda_max})")
-        if self.method_args.retain_target not in ("teacher", "noise"):
-            raise FastUnlearnError("method_args.retain_target must be teacher or noise")
+        if self.retain_target not in ("teacher", "noise"):
+            raise FastUnlearnError(f"retain_target must be teacher or noise, got {self.retain_target!r}")
         if not str(self.output_dir).strip():
             raise FastUnlearnError("output_dir is empty: give a folder with --output-dir")
         if not str(self.model).strip():
@@ -134,25 +105,18 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def check_ranges(obj, prefix: str = "") -> None:
-    """Every numeric field of a config dataclass tree is finite and inside its declared range (`num`)."""
-    for f in dataclasses.fields(obj):
-        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(value):
-            check_ranges(value, f"{key}.")
-            continue
-        if "range" not in f.metadata:
-            continue
-        lo, hi, above = f.metadata["range"]
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise FastUnlearnError(f"{key} must be a number, got {value!r}")
-        if not math.isfinite(value):
-            raise FastUnlearnError(f"{key} must be a finite number, got {value}")
-        bounds = [f">= {lo}" if lo is not None else None, f"> {above}" if above is not None else None,
-                  f"<= {hi}" if hi is not None else None]
-        if ((lo is not None and value < lo) or (hi is not None and value > hi)
-                or (above is not None and value <= above)):
-            raise FastUnlearnError(f"{key} must be {' and '.join(b for b in bounds if b)}, got {value}")
+# One section per method that has settings, named after it and declared by its class (`Method.Config`):
+# adding a method is adding its class to fastunlearn.methods.
+TrainConfig = dataclasses.make_dataclass(
+    "TrainConfig", [(name, cls.Config, field(default_factory=cls.Config))
+                    for name, cls in METHOD_CLASSES.items() if cls.Config is not None],
+    bases=(TrainConfig,))
+TrainConfig.__module__ = __name__
+
+# keys of earlier versions, named in the error that refuses them
+MOVED_KEYS = {"method_args": "method_args was split by method: alpha -> ovw.alpha, beta -> ga.beta, inner_steps/"
+                             "inner_lr/lambda_b -> erasediff.*, mask_ratio -> salun.mask_ratio, salun_alpha -> "
+                             "salun.alpha, eta -> forget_eta, retain_target -> retain_target"}
 
 
 def _coerce(value, typ, key):
@@ -188,6 +152,8 @@ def apply_dict(obj, data: dict, prefix: str = "", source: str = "config"):
     hints = get_type_hints(type(obj))
     for key, value in data.items():
         full = f"{prefix}{key}"
+        if not prefix and key in MOVED_KEYS:
+            raise FastUnlearnError(f"{source}: config key {key!r} no longer exists: {MOVED_KEYS[key]}")
         if key not in hints:
             raise FastUnlearnError(f"{source}: unknown config key {full!r}")
         current = getattr(obj, key)

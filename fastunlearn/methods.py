@@ -13,13 +13,18 @@ converted to it by the trainer).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from .config import TrainConfig
 from .errors import FastUnlearnError
 from .ops import noise_prediction_loss
+from .settings import num
+
+if TYPE_CHECKING:  # the config imports this module (for the registry); never the other way round at run time
+    from .config import TrainConfig
 
 
 def mse(student, targets, coeffs=None, weights=None):
@@ -48,7 +53,6 @@ class Step:
     fresh_f: torch.Tensor   # the same for an independent noise per forget row (EraseDiff's target)
     student: callable       # student(*[(x, t, ids)], grad=True) -> list of outputs
     teacher: callable       # teacher(*[(x, t, ids)]) -> list of outputs (no grad)
-    inner_forget_value: callable  # EraseDiff: f after K inner SGD steps, weights untouched
 
     @property
     def x_all(self):
@@ -62,15 +66,30 @@ class Step:
         return torch.zeros(n, dtype=torch.long)
 
 
+@dataclass
+class Context:
+    """What a method may use of the run, handed to `Method.setup` (never the trainer itself)."""
+
+    module: torch.nn.Module                   # the student's module; its trained parameters require grad
+    make_step: Callable[[int, int], Step]     # make_step(step, micro): this rank's micro-batch (negative steps: probes)
+    call: Callable                            # call(items, params=None, grad=True): the student module on (x, t, ids)
+                                              # items in one batch, bypassing DeepSpeed; `params` substitutes values
+    teacher: Callable                         # teacher(*items) -> outputs, no grad
+    all_reduce: Callable[[float, str], float]  # all_reduce(value, "mean" | "max") over ranks
+    all_reduce_sum_: Callable[[torch.Tensor], None]  # in-place sum of a tensor over ranks
+
+
 class Method:
-    """Base: R + forget target plumbing. Subclasses define `loss`."""
+    """Base: R + forget target plumbing. Subclasses define `loss`, and `Config` if they have settings
+    (a dataclass; its section in the run's config is the method's name)."""
 
     name = ""
+    Config = None
     needs_full_gradient = False  # True: cannot run with ZeRO-3 partitioned gradients
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        self.args = cfg.method_args
+        self.args = getattr(cfg, self.name) if self.Config is not None else None
 
     # ---- shared pieces -------------------------------------------------------------------------
     def forget_teacher_items(self, st: Step):
@@ -83,7 +102,7 @@ class Method:
     def forget_target(self, st: Step, extra, T_f_null):
         """(targets, coeffs) of the forget target from the teacher outputs `extra`."""
         if self.cfg.forget_target == "esd":
-            eta = self.args.eta
+            eta = self.cfg.forget_eta
             return [T_f_null, extra[0]], [1 + eta, -eta]
         if self.cfg.forget_target == "anchor":
             return [extra[0]], [1.0]
@@ -102,7 +121,7 @@ class Method:
         return R, G
 
     def retain_from(self, st: Step, s_r, s_u, T_r, T_u):
-        if self.args.retain_target == "noise":
+        if self.cfg.retain_target == "noise":
             return mse(s_r, [st.eps_r]) + mse(s_u, [T_u])
         return mse(s_r, [T_r]) + mse(s_u, [T_u])
 
@@ -113,8 +132,12 @@ class Method:
         return self.retain_from(st, outs[0], outs[1], touts[0], touts[1]), outs[2:], touts[2:]
 
     # ---- hooks the trainer calls ---------------------------------------------------------------
-    def setup(self, trainer) -> None:
-        pass
+    def setup(self, ctx: Context) -> None:
+        """Once before training (after a resume too): measure or build what the method needs."""
+
+    def report(self) -> dict:
+        """The method's own fields of the final report."""
+        return {}
 
     def loss(self, st: Step):
         raise NotImplementedError
@@ -129,20 +152,42 @@ class Method:
         pass
 
 
+@dataclass
+class OVWConfig:
+    alpha: float = num(0.25, above=0)  # weight of G (0.25: the digits comparison, benchmarks/RESULTS.md)
+
+
 class OVW(Method):
     """Overwrite: minimise R + α·G."""
 
     name = "ovw"
+    Config = OVWConfig
 
     def loss(self, st):
         R, G = self.r_and_g(st)
         return R + self.args.alpha * G, {"R": R, "G": G}
 
 
+@dataclass
+class SaddleConfig:
+    tau: float = num(0.2, above=0)          # constraint level, as a fraction of G0 (the original model's forget gap)
+    eta_lambda: float = num(0.1, 0)         # dual step size, in units of 1/G0
+    lambda_init: float = num(1.0, 0)
+    lambda_max: float = num(10.0, above=0)
+    gap_ema: float = num(0.9, 0, 1)         # Ĝ = running mean of G with this decay
+    g0_batches: int = num(8, 1)             # forget batches averaged to measure G0 before training
+
+    def check(self, prefix: str) -> None:
+        if self.lambda_init > self.lambda_max:
+            raise FastUnlearnError(f"{prefix}lambda_init ({self.lambda_init}) must not exceed {prefix}lambda_max "
+                                   f"({self.lambda_max})")
+
+
 class Saddle(Method):
     """min R s.t. G ≤ τ: L = R + λ (G − τ); λ ← clip(λ + η_λ (Ĝ − τ), 0, λ_max) after each optimiser step."""
 
     name = "saddle"
+    Config = SaddleConfig
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -153,21 +198,32 @@ class Saddle(Method):
         self.tau = None
         self.constraint_met_step = None
 
-    def setup(self, trainer):
+    def setup(self, ctx):
         if self.g0 is None:  # not restored from a checkpoint
-            self.g0 = trainer.measure_forget_gap(self.cfg.saddle.g0_batches)
+            self.g0 = self.forget_gap(ctx, self.args.g0_batches)
             if not self.g0 > 0:
                 raise FastUnlearnError(f"saddle: the original model's forget gap G0 = {self.g0} is not positive; "
                                        "the forget target equals the teacher (check forget_target and prompts)")
-            self.tau = self.cfg.saddle.tau * self.g0
+            self.tau = self.args.tau * self.g0
             self.g_hat = self.g0
+
+    def forget_gap(self, ctx, batches: int) -> float:
+        """G at θ0 (student = teacher), averaged over `batches` fixed forget batches and all ranks."""
+        total = 0.0
+        for b in range(batches):
+            st = ctx.make_step(-1 - b, 0)
+            T_c, T_null, *extra = ctx.teacher((st.x_f, st.t_f, st.c_f), (st.x_f, st.t_f, st.null(len(st.x_f))),
+                                              *self.forget_teacher_items(st))
+            targets, coeffs = self.forget_target(st, extra, T_null)
+            total += float(mse(T_c, targets, coeffs))
+        return ctx.all_reduce(total / batches, "mean")
 
     def loss(self, st):
         R, G = self.r_and_g(st)
         return R + self.lam * (G - self.tau), {"R": R, "G": G}
 
     def after_step(self, logs, step):
-        s = self.cfg.saddle
+        s = self.args
         self.g_hat = s.gap_ema * self.g_hat + (1 - s.gap_ema) * float(logs["G"])
         self.lam = min(max(self.lam + (s.eta_lambda / self.g0) * (self.g_hat - self.tau), 0.0), s.lambda_max)
         if self.constraint_met_step is None and self.g_hat <= self.tau:
@@ -181,6 +237,10 @@ class Saddle(Method):
     def load_state_dict(self, state):
         for k in ("lam", "g0", "g_hat", "tau", "constraint_met_step"):
             setattr(self, k, state[k])
+
+    def report(self):
+        return {"constraint_met_step": self.constraint_met_step, "final_lambda": self.lam, "G0": self.g0,
+                "tau": self.tau}
 
 
 class ESD(Method):
@@ -196,10 +256,16 @@ class ESD(Method):
         return G, {"G": G}
 
 
+@dataclass
+class GAConfig:
+    beta: float = num(1.0, 0)  # weight of the ascent term
+
+
 class GA(Method):
     """Gradient ascent / NegGrad+: R − β·E_forget ‖ε_θ − ε‖²."""
 
     name = "ga"
+    Config = GAConfig
 
     def loss(self, st):
         R, (s_f,), _ = self.retain_only(st, extra_student=[(st.x_f, st.t_f, st.c_f)])
@@ -219,21 +285,57 @@ class ConceptAblation(Method):
         return R + G, {"R": R, "G": G}
 
 
+@dataclass
+class SalUnConfig:
+    mask_ratio: float = num(0.5, hi=1, above=0)  # share of the trained weights in the saliency mask
+    alpha: float = num(0.5, 0)                   # weight of the retain loss
+    mask_batches: int = num(4, 1)                # forget batches whose gradient magnitudes rank the weights
+
+
 class SalUn(Method):
     """Saliency unlearning: only the top `mask_ratio` of weights by |∇ forget loss| train; the forget
     target is the current model under a random retain prompt (stop-gradient), plus α·R."""
 
     name = "salun"
+    Config = SalUnConfig
     needs_full_gradient = True
+    mask_fraction = None
 
-    def setup(self, trainer):
-        trainer.apply_saliency_mask(self.args.mask_ratio)
+    def setup(self, ctx):
+        """Keep the top `mask_ratio` of weights by |∇ denoising loss on forget data|, summed over
+        `mask_batches` fixed forget batches and all ranks; gradients outside the mask are zeroed."""
+        params = [p for p in ctx.module.parameters() if p.requires_grad]
+        grads = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        for b in range(self.args.mask_batches):
+            st = ctx.make_step(-100 - b, 0)
+            (s_f,) = ctx.call([(st.x_f, st.t_f, st.c_f)], grad=True)  # the module itself: no engine hooks
+            for acc, gr in zip(grads, torch.autograd.grad(mse(s_f, [st.eps_f]), params)):
+                acc += gr.float().abs()
+        for gr in grads:
+            ctx.all_reduce_sum_(gr)
+        flat = torch.cat([gr.flatten() for gr in grads])
+        k = max(1, int(flat.numel() * (1 - self.args.mask_ratio)))
+        threshold = flat.kthvalue(k).values if k < flat.numel() else flat.max()
+        masks = [(gr > threshold) for gr in grads]
+        for p, m in zip(params, masks):
+            p.register_hook(lambda g, m=m: g * m.to(g.dtype))
+        self.mask_fraction = float(sum(m.sum() for m in masks) / flat.numel())
 
     def loss(self, st):
         R, (s_f,), _ = self.retain_only(st, extra_student=[(st.x_f, st.t_f, st.c_f)])
         (relabel,) = st.student((st.x_f, st.t_f, st.alt_r), grad=False)
         G = mse(s_f, [relabel])
-        return G + self.args.salun_alpha * R, {"R": R, "G": G}
+        return G + self.args.alpha * R, {"R": R, "G": G}
+
+    def report(self):
+        return {"salun_mask_fraction": self.mask_fraction}
+
+
+@dataclass
+class EraseDiffConfig:
+    inner_steps: int = num(2, 1)          # K inner SGD steps on the forget loss
+    inner_lr: float = num(1e-3, above=0)  # inner SGD step size
+    lambda_b: float = num(0.1, 0)         # weight of (f(θ) − f̂)
 
 
 class EraseDiff(Method):
@@ -241,10 +343,27 @@ class EraseDiff(Method):
     then the outer loss R + λ_b (f(θ) − f̂), f = ‖ε_θ(x_f, c_f) − ε'‖² with a fresh noise ε'."""
 
     name = "erasediff"
+    Config = EraseDiffConfig
     needs_full_gradient = True
 
+    def setup(self, ctx):
+        self.ctx = ctx
+
+    def inner_forget_value(self, st) -> torch.Tensor:
+        """f̂: f after K SGD steps from the current weights, taken on a functional copy (weights untouched)."""
+        params = {n: p.detach().clone() for n, p in self.ctx.module.named_parameters() if p.requires_grad}
+        items = [(st.x_f, st.t_f, st.c_f)]
+        for _ in range(self.args.inner_steps):
+            for p in params.values():
+                p.requires_grad_(True)
+            (out,) = self.ctx.call(items, params=params, grad=True)
+            grads = torch.autograd.grad(mse(out, [st.fresh_f]), list(params.values()))
+            params = {n: (p - self.args.inner_lr * g).detach() for (n, p), g in zip(params.items(), grads)}
+        (out,) = self.ctx.call(items, params=params, grad=False)
+        return mse(out, [st.fresh_f]).detach()
+
     def loss(self, st):
-        f_hat = st.inner_forget_value(lambda out: mse(out, [st.fresh_f]), self.args.inner_steps, self.args.inner_lr)
+        f_hat = self.inner_forget_value(st)
         R, (s_f,), _ = self.retain_only(st, extra_student=[(st.x_f, st.t_f, st.c_f)])
         f = mse(s_f, [st.fresh_f])
         return R + self.args.lambda_b * (f - f_hat), {"R": R, "F": f, "f_hat": f_hat}

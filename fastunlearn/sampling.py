@@ -7,10 +7,12 @@ the same call gives the same images every time on the same machine.
 from __future__ import annotations
 
 import hashlib
+import inspect
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
@@ -86,3 +88,31 @@ def sample(pipe, prompts, seeds, config: SamplerConfig = SamplerConfig(), batch_
                        return_dict=False)[0]
             outs.append(out.float().cpu())
     return torch.cat(outs)
+
+
+def with_unet(pipe, unet):
+    """The same pipeline with another UNet (no weights copied)."""
+    kwargs = dict(pipe.components)
+    kwargs["unet"] = unet
+    if "requires_safety_checker" in inspect.signature(type(pipe).__init__).parameters:
+        kwargs["requires_safety_checker"] = False
+    out = type(pipe)(**kwargs)
+    out.set_progress_bar_config(disable=True)
+    return out
+
+
+def sample_sharded(pipe, prompts, seeds, sampler: SamplerConfig, progress=False, output_type="pt") -> torch.Tensor:
+    """`sample` split across the ranks of a process group (every rank gets all images).
+    Each rank runs the same number of UNet calls, so ZeRO-3's collective forwards line up."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world == 1:
+        return sample(pipe, prompts, seeds, sampler, progress=progress, output_type=output_type)
+    rank = dist.get_rank()
+    n = len(prompts)
+    per = -(-n // world)
+    idx = [min(i, n - 1) for i in range(rank * per, (rank + 1) * per)]
+    mine = sample(pipe, [prompts[i] for i in idx], [seeds[i] for i in idx], sampler, batch_size=per, progress=False,
+                  output_type=output_type)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, mine)
+    return torch.cat(gathered)[:n]

@@ -10,8 +10,8 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
-from fastunlearn.config import METHODS, SaddleConfig, TrainConfig, load_config
-from fastunlearn.methods import Saddle
+from fastunlearn.config import METHODS, TrainConfig, load_config
+from fastunlearn.methods import Saddle, SaddleConfig
 
 TRAIN = str(Path(__file__).resolve().parents[1] / "fastunlearn" / "train.py")
 TINY = ["--max-steps", "3", "--set", "forget_batch_size=2", "--set", "retain_batch_size=2",
@@ -98,7 +98,7 @@ def test_checkpoint_restores_saddle_state_optimizer_step_and_rng(tiny_sd_path, p
             "--set", "checkpoint_every=2", "--max-steps", "2"]
     a = Trainer(config_from_args(argv))
     a.folder.prepare()
-    a.method.setup(a)
+    a.method.setup(a.context())
     for step in range(2):
         loss, terms = a.method.loss(a.make_step(step, 0))
         a.engine.backward(loss)
@@ -242,7 +242,7 @@ def test_bf16_and_gradient_checkpointing_switches(tiny_sd_path, prompt_files, tm
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_default_deepspeed_config_is_the_shipped_file(stage):
     """Without deepspeed_config a run uses exactly configs/ds_zero{stage}.json (plus the keys it owns)."""
-    from fastunlearn.train import deepspeed_config
+    from fastunlearn.engine import deepspeed_config
 
     path = Path(__file__).resolve().parents[1] / "configs" / f"ds_zero{stage}.json"
     shipped = json.loads(path.read_text())
