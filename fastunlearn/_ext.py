@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .errors import FastUnlearnError
+from .ops._grad import scale_grad
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 _NOISE_OP = "fastunlearn::noise_loss_fwd"
@@ -142,25 +143,6 @@ def available(cuda: bool = False) -> bool:
         return True
     except FastUnlearnError:
         return False
-
-
-def _is_all_ones(t: torch.Tensor) -> bool:
-    """True if t is all ones; False whenever that can't be known without data (tracing)."""
-    if torch.compiler.is_compiling():
-        return False
-    from torch._subclasses.fake_tensor import is_fake
-
-    if is_fake(t):
-        return False
-    return bool(torch.equal(t, torch.ones_like(t)))
-
-
-def scale_grad(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
-    """grad * grad_output in fp32 (a (B,) grad_output scales per sample); skipped when it is all ones."""
-    if _is_all_ones(grad_output):
-        return grad
-    go = grad_output.float().view(-1, *([1] * (grad.dim() - 1))) if grad_output.dim() else grad_output.float()
-    return grad * go if grad.dtype == torch.float32 else (grad.float() * go).to(grad.dtype)
 
 
 def _register_python_parts() -> None:

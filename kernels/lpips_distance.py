@@ -1,4 +1,4 @@
-"""Fused per-layer LPIPS distance (SPEC §4) in Triton.
+"""Fused per-layer LPIPS distance (docs/metrics.md, "The LPIPS distance") in Triton.
 
 For each spatial position: n = f / (||f||_c + 1e-10), d = sum_c w_c (n0 - n1)^2; the layer
 distance is the spatial mean of d. The normalised maps are never written: a program owns a
@@ -19,6 +19,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from fastunlearn.ops._grad import scale_grad
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 EPS = 1e-10
@@ -117,13 +119,6 @@ def lpips_layer_forward(f0, f1, weight, need_grad=True):
     return partial.sum(1) / HW, g0, g1
 
 
-def _scale(grad, grad_output):
-    if not torch.compiler.is_compiling() and torch.equal(grad_output, torch.ones_like(grad_output)):
-        return grad
-    go = grad_output.float().view(-1, 1, 1, 1)
-    return grad * go if grad.dtype == torch.float32 else (grad.float() * go).to(grad.dtype)
-
-
 class LPIPSLayerDistanceFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, f0, f1, weight):
@@ -136,8 +131,8 @@ class LPIPSLayerDistanceFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         g0, g1 = ctx.saved_tensors
         need = ctx.needs_input_grad
-        return (_scale(g0, grad_output) if need[0] else None,
-                _scale(g1, grad_output) if need[1] else None, None)
+        return (scale_grad(g0, grad_output) if need[0] else None,
+                scale_grad(g1, grad_output) if need[1] else None, None)
 
 
 def triton_lpips_distance(feats0, feats1, lin_weights):

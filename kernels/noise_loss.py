@@ -1,4 +1,4 @@
-"""Fused teacher-student noise-prediction loss (SPEC §2) in Triton.
+"""Fused teacher-student noise-prediction loss (docs/kernels.md, "noise_prediction_loss") in Triton.
 
 One pass over memory: each program reads a block of the student and of the K targets,
 builds the target on the fly, writes the (already scaled) gradient w.r.t. the student and
@@ -11,6 +11,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from fastunlearn.ops._grad import scale_grad
 
 # The interpreter cost grows with the number of programs, so it gets one big block per sample.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -76,14 +78,6 @@ def noise_loss_forward(student, targets, coeffs, weights, reduction="mean", need
     else:
         loss = per_sample
     return loss, grad
-
-
-def scale_grad(grad, grad_output):
-    """grad * grad_output in fp32, skipped when grad_output is all ones; a (B,) grad_output scales per sample."""
-    if not torch.compiler.is_compiling() and torch.equal(grad_output, torch.ones_like(grad_output)):
-        return grad
-    go = grad_output.float().view(-1, *([1] * (grad.dim() - 1))) if grad_output.dim() else grad_output.float()
-    return grad * go if grad.dtype == torch.float32 else (grad.float() * go).to(grad.dtype)
 
 
 class NoisePredictionLossFunction(torch.autograd.Function):

@@ -131,7 +131,7 @@ def test_auto_falls_back_to_torch_with_one_warning(monkeypatch):
         raise FastUnlearnError("fastunlearn C++ ops unavailable: test")
 
     monkeypatch.setattr(_ext, "load", broken)
-    monkeypatch.setattr(ops, "_warned", set())
+    monkeypatch.setattr(ops._dispatch, "_warned", set())
     student, targets, coeffs, w = make_inputs((2, 4, 8, 8), 1, torch.float32, seed=11)
     with pytest.warns(RuntimeWarning, match="falls back to the PyTorch reference"):
         a = ops.noise_prediction_loss(student, targets, coeffs, w)
