@@ -150,6 +150,17 @@ def run(method_name, **cfg_kwargs):
     return method, cfg, st, s, te, sc, tc
 
 
+def step_maker(student, teacher):
+    """Context.make_step for a method's setup: seeded steps, recorded by step number."""
+    steps = {}
+
+    def make(step, micro):
+        steps[step] = make_step(step, student, teacher)
+        return steps[step]
+
+    return steps, make
+
+
 # ---- one test per method ---------------------------------------------------------------------------
 def test_the_registry_is_the_documented_methods():
     assert set(M.METHOD_CLASSES) == {"saddle", "ovw", "esd", "ga", "ca", "salun", "erasediff"}
@@ -194,15 +205,8 @@ def test_saddle_loss_and_dual_update(forget_target):
 def test_saddle_setup_measures_g0_on_the_teacher_and_sets_tau():
     """G0 = G of the original model (student = teacher) averaged over saddle.g0_batches fixed forget
     batches; τ = saddle.tau · G0; Ĝ starts at G0."""
-    s, te, sc, tc = models()
-    cfg = config("saddle")
-    method = M.make_method(cfg)
-    steps = {}
-
-    def make(step, micro):
-        steps[step] = make_step(step, sc, tc)
-        return steps[step]
-
+    method, cfg, _, s, te, sc, tc = run("saddle")
+    steps, make = step_maker(sc, tc)
     reduced = []
     ctx = M.Context(module=s, make_step=make, call=None, teacher=tc, all_reduce=lambda v, op: reduced.append(op) or v,
                     all_reduce_sum_=None)
@@ -252,15 +256,8 @@ def test_salun_loss_relabels_to_a_random_retain_prompt():
 def test_salun_mask_keeps_the_top_share_by_forget_gradient_and_zeroes_the_rest():
     """Mask = the top `mask_ratio` of trained weights by |∇ ‖ε_θ(x^f, c_f) − ε‖²| summed over
     `mask_batches` forget batches; gradients outside it are zeroed."""
-    s, te, sc, tc = models()
-    cfg = config("salun")
-    method = M.make_method(cfg)
-    steps = {}
-
-    def make(step, micro):
-        steps[step] = make_step(step, sc, tc)
-        return steps[step]
-
+    method, cfg, _, s, te, sc, tc = run("salun")
+    steps, make = step_maker(sc, tc)
     ctx = M.Context(module=s, make_step=make, call=lambda items, grad=True: Caller(s)(*items, grad=grad),
                     teacher=tc, all_reduce=None, all_reduce_sum_=lambda t: None)
     params = list(s.parameters())
