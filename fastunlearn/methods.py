@@ -1,10 +1,15 @@
-"""The unlearning methods: each a short combination of the one loss primitive (SPEC §2, §3).
+"""The unlearning methods (docs/methods.md): each a short combination of the one loss primitive
+(`fastunlearn.ops.noise_prediction_loss`, docs/kernels.md).
 
 Every method sees a `Step`: the noised forget and retain latents of one micro-batch and two
 callables, `step.student(*items)` and `step.teacher(*items)`, each of which runs all the
-(x_t, prompts) items it is given in ONE UNet call. The shared pieces are
+(x_t, prompts) items it is given in ONE UNet call. Most methods make one call of each per step;
+CA and SalUn call the student a second time (no gradient) for their target, and EraseDiff makes
+K + 1 more calls of the student's module for its inner loop (docs/methods.md lists them).
 
-    R(θ)  retain distillation + unconditional branch pinned to the teacher   (`retain_loss`)
+The shared pieces are
+
+    R(θ)  retain distillation + unconditional branch pinned to the teacher   (`retain_from`)
     G(θ)  forget gap against the configured forget target                    (`forget_target`)
 
 and each method is a few lines over them. Losses are in the model's output space (epsilon

@@ -1,4 +1,4 @@
-"""The integrity metric I (SPEC §4) and the perceptual networks behind it.
+"""The integrity metric I (docs/metrics.md) and the perceptual networks behind it.
 
 I = mean over (prompt, seed) of LPIPS(teacher image, student image), the two images drawn from
 the same initial latent with the same deterministic sampler, reported with a 95 % half-width.
@@ -155,7 +155,7 @@ def _pipeline_fingerprint(pipe) -> str:
 
 def integrity(teacher, student, prompts, seeds, sampler=None, perceptual=None, cache_dir=None, batch_size: int = 64,
               progress: bool = True) -> dict:
-    """The integrity metric I (SPEC §4) between two diffusers pipelines, for each (prompts[i], seeds[i]).
+    """The integrity metric I (docs/metrics.md) between two diffusers pipelines, for each (prompts[i], seeds[i]).
 
     Both pipelines sample with DDIM (eta = 0) from the same CPU-drawn initial latent per (prompt, seed).
     The teacher's images and perceptual features are cached on disk, keyed by a fingerprint of the

@@ -107,7 +107,7 @@ def test_gradient_to_one_side_only(backend):
 @pytest.mark.filterwarnings("ignore::UserWarning:torchvision")
 @pytest.mark.parametrize("backend", ["torch"] + KERNEL_BACKENDS)
 def test_equals_lpips_package(backend):
-    """SPEC §4: equal to lpips.LPIPS (v0.1 linear weights) within 1e-5 given the same backbone."""
+    """docs/metrics.md: equal to lpips.LPIPS (v0.1 linear weights) within 1e-5 given the same backbone."""
     lpips = pytest.importorskip("lpips")
     torch.manual_seed(7)
     model = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False).eval()
