@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import worlds
 from .config import TrainConfig, read_prompts
 from .errors import FastUnlearnError
 
@@ -82,7 +83,8 @@ def encode_latents(pipe, images: torch.Tensor, batch_size: int = 16) -> torch.Te
 
 
 def resolve_prompts(cfg: TrainConfig):
-    """(forget, retain, anchors, digits-info). The digits world has defaults from --forget-digit."""
+    """(forget, retain, anchors, world info). An embedded world gives defaults (digits: from --forget-digit)
+    and its info about the run (None when the run is not one of the world's)."""
     forget = read_prompts(cfg.forget_prompts, "forget prompt")
     retain = read_prompts(cfg.retain_prompts, "retain prompt")
     for which, folder in (("forget", cfg.forget_data_dir), ("retain", cfg.retain_data_dir)):
@@ -96,18 +98,10 @@ def resolve_prompts(cfg: TrainConfig):
                 if retain is not None:
                     raise FastUnlearnError("give retain prompts or a retain image folder (its captions), not both")
                 retain = captions
-    digits = None
-    if cfg.model == "digits":
-        from .digits import digit_of_prompt, digit_prompts
-
-        if forget is None:
-            forget = digit_prompts(cfg.forget_digit)
-        labels = {digit_of_prompt(p) for p in forget}
-        if len(labels) == 1 and None not in labels:
-            d = labels.pop()
-            if retain is None:
-                retain = [p for k in range(10) if k != d for p in digit_prompts(k)]
-            digits = {"forget_digit": d}
+    info = None
+    world = worlds.get(cfg.model, cfg.cache_dir)
+    if world is not None:
+        forget, retain, info = world.prompts(forget, retain, cfg)
     if forget is None:
         raise FastUnlearnError(f"no forget prompts given for model {cfg.model!r}: use --forget-prompts FILE")
     retain = retain or []
@@ -121,7 +115,7 @@ def resolve_prompts(cfg: TrainConfig):
         anchors = anchors * len(forget)
     if len(anchors) != len(forget):
         raise FastUnlearnError(f"got {len(anchors)} anchor prompts for {len(forget)} forget prompts (give one, or one each)")
-    return forget, retain, anchors, digits
+    return forget, retain, anchors, info
 
 
 def teacher_latents(pipe, prompts, per_prompt, steps, guidance, cache_key, cfg: TrainConfig, rank):

@@ -122,13 +122,57 @@ def _compatible(a, b) -> None:
                                "their images are not comparable")
 
 
+def training_evaluator(e, teacher_pipe, forget, retain, final: bool, world=None, world_info=None, clip=None,
+                       note=lambda text: None) -> Evaluator:
+    """The evaluation sets of a training run (`e`: its EvalConfig). An embedded world's run uses the world's
+    sets, perceptual network and judge; any other run cycles through its forget prompts and takes
+    `retain_samples_per_prompt` seeds of each retain prompt, measured with LPIPS-alex when its backbone
+    is available (otherwise `note` says why integrity is not computed)."""
+    sampler = SamplerConfig(e.num_inference_steps, e.guidance_scale)
+    n_f = e.forget_samples if final else e.train_forget_samples
+    n_r = e.retain_samples_per_prompt if final else e.train_retain_samples_per_prompt
+    if world_info is not None:
+        return Evaluator(teacher_pipe, sampler=sampler, clip=clip, **world.evaluation(world_info, n_f, n_r))
+    forget_set = ([forget[i % len(forget)] for i in range(n_f)], list(range(n_f)))
+    retain_set = ([p for p in retain for _ in range(n_r)], [s for _ in retain for s in range(n_r)])
+    note("FID (Inception) not computed: fastunlearn does not ship Inception-FID weights and does not "
+         "download them; fid-digits exists only in the digits world")
+    from .errors import FastUnlearnError
+    from .metrics import LPIPS
+
+    try:
+        size = teacher_pipe.unet.config.sample_size * teacher_pipe.vae_scale_factor
+        if size < 32:
+            raise FastUnlearnError(f"{size} px images are too small for LPIPS-alex")
+        perceptual = LPIPS("alex")
+    except FastUnlearnError as exc:
+        perceptual = None
+        note(f"integrity not computed: {exc}")
+    return Evaluator(teacher_pipe, forget_set, retain_set, sampler, perceptual, clip=clip)
+
+
+def comparison_rows(evaluator: Evaluator, teacher_images: dict, student_images: dict, per_row: int) -> list:
+    """Rows of (label, teacher images, student images) for a grid: the first forget prompt and up to three
+    retain prompts spread over the set, `per_row` seeds each."""
+    rows = []
+    for kind in ("forget", "retain"):
+        prompts = evaluator.forget[0] if kind == "forget" else evaluator.retain[0]
+        unique = list(dict.fromkeys(prompts))
+        shown = unique[:1] if kind == "forget" else unique[:: max(1, len(unique) // 3)][:3]
+        for p in shown:
+            idx = [i for i, q in enumerate(prompts) if q == p][:per_row]
+            rows.append((f"{kind}: {p}", teacher_images[kind][idx], student_images[kind][idx]))
+    return rows
+
+
 def main(argv=None) -> int:
     import argparse
     import math
     from pathlib import Path
 
+    from . import worlds
     from .errors import FastUnlearnError, cli_errors
-    from .metrics import LPIPS, DigitsPerceptual, integrity
+    from .metrics import LPIPS, integrity
     from .models import load_pipeline
     from .sampling import SamplerConfig
 
@@ -165,19 +209,15 @@ def main(argv=None) -> int:
         original = load_pipeline(args.original, cache_dir=args.cache_dir)
         unlearned = load_pipeline(args.unlearned, cache_dir=args.cache_dir)
         _compatible(original, unlearned)
-        digits = args.original == "digits" or (Path(args.original) / ".." / "world.json").is_file()
+        world = worlds.of_pipeline(args.original, args.cache_dir)  # an embedded world gives the defaults
         prompts = [q for item in (args.prompts or []) for q in read_prompts(item, "prompt")]
         if not prompts:
-            if not digits:
+            if world is None:
                 raise FastUnlearnError("give --prompts FILE (one prompt per line)")
-            from .digits import digit_prompts
-
-            prompts = [digit_prompts(d)[0] for d in range(10)]
-        kind = args.perceptual or ("digits" if digits else "alex")
+            prompts = world.eval_prompts()
+        kind = args.perceptual or (world.name if world is not None else "alex")
         if kind == "digits":
-            from .digits import load_world
-
-            perceptual = DigitsPerceptual(load_world(args.cache_dir, progress=False).classifier)
+            perceptual = (world or worlds.get("digits", args.cache_dir)).perceptual()
         else:
             perceptual = LPIPS(kind, backbone_weights=args.backbone_weights)
         clip = None
@@ -185,7 +225,8 @@ def main(argv=None) -> int:
             from .metrics import CLIPScore
 
             clip = CLIPScore(args.clip_model)
-        guidance = args.guidance_scale if args.guidance_scale is not None else (4.0 if digits else 7.5)
+        guidance = args.guidance_scale if args.guidance_scale is not None else (
+            world.guidance_scale if world is not None else 7.5)
         sampler = SamplerConfig(args.steps, guidance)
         pairs = [(q, s) for q in prompts for s in range(args.seeds)]
         res = integrity(original, unlearned, [q for q, _ in pairs], [s for _, s in pairs], sampler, perceptual,

@@ -28,14 +28,15 @@ def quiet_diffusers() -> None:
 
 
 def load_pipeline(model: str, torch_dtype=None, cache_dir=None):
-    """A diffusers SD/SDXL pipeline from a local folder, a cached hub id, or "digits" (the embedded world)."""
+    """A diffusers SD/SDXL pipeline from a local folder, a cached hub id, or an embedded world's name."""
     from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    quiet_diffusers()
-    if model == "digits":
-        from .digits import ensure_world
+    from . import worlds
 
-        model = str(ensure_world(cache_dir) / "pipeline")
+    quiet_diffusers()
+    world = worlds.get(model, cache_dir)
+    if world is not None:
+        model = str(world.pipeline_path())
     path = Path(model).expanduser()
     looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1  # else a hub id
     if looks_local:

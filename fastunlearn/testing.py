@@ -12,7 +12,7 @@ WORDS = ["a", "photo", "of", "cat", "dog", "car", "tree", "house", "painting", "
 
 
 def _tokenizer(max_length: int = 16):
-    from .tokenizer import build_clip_tokenizer
+    from .worlds.tokenizer import build_clip_tokenizer
 
     return build_clip_tokenizer(WORDS, model_max_length=max_length)
 

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from fastunlearn import checkpoint  # noqa: E402
+from fastunlearn import checkpoint, worlds  # noqa: E402
 from fastunlearn.config import TrainConfig, load_config, set_dotted  # noqa: E402
 from fastunlearn.data import Batches, resolve_prompts, training_latents  # noqa: E402
 from fastunlearn.engine import (  # noqa: E402
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         key = name.lstrip("-").replace("-", "_")
         p.add_argument(name, type=type, default=None, help=f"{help} (default: {getattr(d, key)!r})")
 
-    flag("--model", "local diffusers pipeline folder, cached hub id, or 'digits'")
+    flag("--model", f"local diffusers pipeline folder, cached hub id, or an embedded world ({', '.join(worlds.WORLDS)})")
     flag("--method", "saddle | ovw | esd | erasediff | salun | ga | ca")
     flag("--params", "trained parameters: full | attn2 | non-attn2")
     flag("--forget-prompts", "forget prompts: a text file (one per line) or one prompt; digits world: from --forget-digit")
@@ -110,7 +110,8 @@ class Trainer:
         self.cfg = cfg
         self.t_start = time.time()
         self.method = make_method(cfg)
-        forget, retain, anchors, self.digits = resolve_prompts(cfg)
+        forget, retain, anchors, self.world_info = resolve_prompts(cfg)
+        self.embedded_world = worlds.get(cfg.model, cfg.cache_dir)  # None for a model folder or hub id
         if self.method.needs_full_gradient and cfg.zero_stage == 3:
             raise FastUnlearnError(f"method {cfg.method} needs full gradients/weights on every rank, which ZeRO-3 "
                                    "partitions: use --zero-stage 2")
@@ -234,44 +235,11 @@ class Trainer:
 
     # ---- evaluation ------------------------------------------------------------------------------
     def build_evaluator(self, final: bool):
-        from fastunlearn.evaluate import Evaluator
-        from fastunlearn.sampling import SamplerConfig
+        """The in-training (`final=False`, cheaper) or final evaluation sets (fastunlearn.evaluate)."""
+        from fastunlearn.evaluate import training_evaluator
 
-        e = self.cfg.eval
-        sampler = SamplerConfig(e.num_inference_steps, e.guidance_scale)
-        n_f = e.forget_samples if final else e.train_forget_samples
-        n_r = e.retain_samples_per_prompt if final else e.train_retain_samples_per_prompt
-        if self.digits is not None:
-            from fastunlearn.digits import eval_pairs, load_world
-            from fastunlearn.metrics import DigitsPerceptual
-
-            d = self.digits["forget_digit"]
-            world = load_world(self.cfg.cache_dir, progress=False)
-            forget = eval_pairs([d], n_f)
-            retain = eval_pairs([k for k in range(10) if k != d], n_r)
-            from fastunlearn.digits import load_digit_images
-
-            images, labels = load_digit_images()
-            real = ((images[labels != d] + 1) / 2).expand(-1, 3, -1, -1)
-            return Evaluator(self.teacher_pipe(), forget[:2], retain[:2], sampler, DigitsPerceptual(world.classifier),
-                             world.classifier, forget_label=d, retain_labels=retain[2], real_retain=real,
-                             clip=self.clip_scorer())
-        forget = ([self.forget[i % len(self.forget)] for i in range(n_f)], list(range(n_f)))
-        retain = ([p for p in self.retain for _ in range(n_r)], [s for _ in self.retain for s in range(n_r)])
-        perceptual = None
-        self.note("FID (Inception) not computed: fastunlearn does not ship Inception-FID weights and does not "
-                  "download them; fid-digits exists only in the digits world")
-        try:
-            from fastunlearn.metrics import LPIPS
-
-            perceptual = LPIPS("alex")
-            size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
-            if size < 32:
-                raise FastUnlearnError(f"{size} px images are too small for LPIPS-alex")
-        except FastUnlearnError as exc:
-            perceptual = None
-            self.note(f"integrity not computed: {exc}")
-        return Evaluator(self.teacher_pipe(), forget, retain, sampler, perceptual, clip=self.clip_scorer())
+        return training_evaluator(self.cfg.eval, self.teacher_pipe(), self.forget, self.retain, final,
+                                  self.embedded_world, self.world_info, self.clip_scorer(), self.note)
 
     def note(self, text: str):
         if text not in self.notes:
@@ -461,9 +429,8 @@ class Trainer:
                                     sum(p.numel() * p.element_size() for p in self.teacher.parameters())),
             "unet_bytes": sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in self.student.parameters()),
         }
-        if self.digits is not None:
-            report["forget_digit"] = self.digits["forget_digit"]
-            report["world"] = "digits (fastunlearn embedded world)"
+        if self.world_info is not None:
+            report.update(self.embedded_world.report_fields(self.world_info))
         report.update(self.method.report())
         self.save_outputs(report, t_imgs, images, evaluator, unet)
 
@@ -479,19 +446,11 @@ class Trainer:
         return unet
 
     def save_outputs(self, report, t_imgs, s_imgs, evaluator, unet):
-        from fastunlearn.evaluate import save_comparison_grid, with_unet
+        from fastunlearn.evaluate import comparison_rows, save_comparison_grid, with_unet
 
         tmp = self.folder.tmp_dir()  # everything is written here first, then moved into place
         with_unet(self.pipe, unet).save_pretrained(str(tmp), safe_serialization=True)
-        rows = []
-        g = self.cfg.eval.grid_seeds
-        for kind in ("forget", "retain"):
-            prompts = evaluator.forget[0] if kind == "forget" else evaluator.retain[0]
-            unique = list(dict.fromkeys(prompts))
-            shown = unique[:1] if kind == "forget" else unique[:: max(1, len(unique) // 3)][:3]  # spread out
-            for p in shown:
-                idx = [i for i, q in enumerate(prompts) if q == p][:g]
-                rows.append((f"{kind}: {p}", t_imgs[kind][idx], s_imgs[kind][idx]))
+        rows = comparison_rows(evaluator, t_imgs, s_imgs, self.cfg.eval.grid_seeds)
         title = f"{self.cfg.method}: original vs unlearned, same seeds"
         if report.get("integrity_retain") is not None:
             title += f" (I_retain {report['integrity_retain']:.3f}, I_forget {report['integrity_forget']:.3f})"

@@ -33,6 +33,6 @@ def tiny_sdxl_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def digits_world():
     """The real digits world from the cache ($FASTUNLEARN_CACHE), built on first use (minutes)."""
-    from fastunlearn.digits import load_world
+    from fastunlearn.worlds.digits import load_world
 
     return load_world()

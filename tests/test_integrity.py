@@ -6,11 +6,11 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
-from fastunlearn.classifier import DigitClassifier
 from fastunlearn.errors import FastUnlearnError
 from fastunlearn.evaluate import _compatible
 from fastunlearn.metrics import DigitsPerceptual, integrity
 from fastunlearn.sampling import SamplerConfig
+from fastunlearn.worlds.digits import DigitClassifier
 
 
 def _perturbed(path, scale=0.05):

@@ -61,7 +61,7 @@ def test_frechet_distance():
 def _tiny_clip(path):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from fastunlearn.tokenizer import build_clip_tokenizer
+    from fastunlearn.worlds.tokenizer import build_clip_tokenizer
 
     tok = build_clip_tokenizer(["a", "photo", "of", "cat", "dog", "car"], model_max_length=16)
     cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2,

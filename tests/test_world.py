@@ -5,7 +5,8 @@ import sys
 import pytest
 import torch
 
-from fastunlearn.digits import (
+from fastunlearn.errors import FastUnlearnError
+from fastunlearn.worlds.digits import (
     FAST_RECIPE,
     digit_of_prompt,
     digit_prompts,
@@ -14,8 +15,7 @@ from fastunlearn.digits import (
     prompt_words,
     world_problem,
 )
-from fastunlearn.errors import FastUnlearnError
-from fastunlearn.tokenizer import build_clip_tokenizer, check_tokenizer
+from fastunlearn.worlds.tokenizer import build_clip_tokenizer, check_tokenizer
 
 
 def test_tokenizer_distinguishes_every_prompt_word(tmp_path):
@@ -90,7 +90,7 @@ def test_unwritable_cache_dir_is_one_line_error(tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(FastUnlearnError, match="not writable"):
         ensure_world(blocker / "cache", recipe=FAST_RECIPE, progress=False)
-    proc = subprocess.run([sys.executable, "-m", "fastunlearn.digits", "--cache-dir", str(blocker / "cache")],
+    proc = subprocess.run([sys.executable, "-m", "fastunlearn.worlds.digits", "--cache-dir", str(blocker / "cache")],
                           capture_output=True, text=True)
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()
@@ -99,7 +99,7 @@ def test_unwritable_cache_dir_is_one_line_error(tmp_path):
 
 @pytest.mark.slow
 def test_base_world_draws_the_prompted_digit(digits_world):
-    from fastunlearn.digits import score_pipeline
+    from fastunlearn.worlds.digits import score_pipeline
 
     assert digits_world.info["classifier_heldout_accuracy"] >= 0.95
     per_digit, _, _ = score_pipeline(digits_world.pipeline, digits_world.classifier, per_digit=20,
@@ -114,7 +114,7 @@ def test_base_world_draws_the_prompted_digit(digits_world):
 @pytest.mark.slow
 def test_digits_main_job_writes_grid_and_json(digits_world, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "fastunlearn.digits", "--out", str(out), "--samples-per-digit", "4",
+    proc = subprocess.run([sys.executable, "-m", "fastunlearn.worlds.digits", "--out", str(out), "--samples-per-digit", "4",
                            "--cache-dir", str(digits_world.path.parent)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     result = json.loads((out / "samples.json").read_text())

@@ -5,7 +5,7 @@ corrupt. The build trains, on the CPU: a digit classifier (the judge), an `Autoe
 and a `CLIPTextModel` + `UNet2DConditionModel` jointly, then saves a `StableDiffusionPipeline`
 with `save_pretrained`, so it loads through exactly the code path that loads SD 1.5.
 
-    python -m fastunlearn.digits [--cache-dir DIR] [--out DIR]
+    python -m fastunlearn.worlds.digits [--cache-dir DIR] [--out DIR]
 
 writes a labelled grid of samples for every digit and a JSON with the classifier's accuracy.
 """
@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ...errors import FastUnlearnError, cli_errors
+from ...paths import cache_root, ensure_writable_dir
+from ...sampling import SamplerConfig, sample
 from .classifier import DigitClassifier, train_classifier
-from .errors import FastUnlearnError, cli_errors
-from .paths import cache_root, ensure_writable_dir
-from .sampling import SamplerConfig, sample
 
 WORLD_VERSION = "digits-v1"
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -245,7 +245,7 @@ def build_world(dest: Path, recipe: Recipe = Recipe(), progress: bool = True) ->
     """Train every part of the world and save it into `dest` (which must not exist). Returns world.json's dict."""
     from diffusers import StableDiffusionPipeline
 
-    from .tokenizer import build_clip_tokenizer
+    from ..tokenizer import build_clip_tokenizer
 
     t0 = time.time()
     torch.manual_seed(recipe.seed)
@@ -423,7 +423,7 @@ def save_digit_grid(images: torch.Tensor, labels, path: Path, title: str | None 
 
 @cli_errors
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastunlearn.digits", description=(
+    p = argparse.ArgumentParser(prog="python -m fastunlearn.worlds.digits", description=(
         "Build (or load) the embedded digits world, then write a labelled grid of its samples and the "
         "classifier's accuracy on them."))
     p.add_argument("--cache-dir", default=None, help="cache directory (default: $FASTUNLEARN_CACHE or ~/.cache/fastunlearn)")
@@ -459,7 +459,3 @@ def main(argv=None) -> int:
           + " ".join(f"{d}:{a:.2f}" for d, a in per_digit.items()))
     print(f"wrote {out / 'grid.png'} and {out / 'samples.json'}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

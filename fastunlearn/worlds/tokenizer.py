@@ -13,7 +13,7 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
-from .errors import FastUnlearnError
+from ..errors import FastUnlearnError
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
