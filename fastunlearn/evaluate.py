@@ -216,8 +216,8 @@ def main(argv=None) -> int:
                 raise FastUnlearnError("give --prompts FILE (one prompt per line)")
             prompts = world.eval_prompts()
         kind = args.perceptual or (world.name if world is not None else "alex")
-        if kind == "digits":
-            perceptual = (world or worlds.get("digits", args.cache_dir)).perceptual()
+        if kind in worlds.WORLDS:  # a world's own perceptual network (digits: lpips-digits)
+            perceptual = (world if world is not None and world.name == kind else worlds.get(kind, args.cache_dir)).perceptual()
         else:
             perceptual = LPIPS(kind, backbone_weights=args.backbone_weights)
         clip = None

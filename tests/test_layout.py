@@ -44,3 +44,32 @@ def test_one_scale_grad_for_every_backend():
     if "No module named 'triton'" in proc.stderr:
         pytest.skip("triton is not installed")
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_train_and_evaluate_run_as_modules_and_console_scripts():
+    from importlib.metadata import entry_points
+
+    scripts = {e.name: e.value for e in entry_points(group="console_scripts") if e.name.startswith("fastunlearn-")}
+    assert scripts == {"fastunlearn-train": "fastunlearn.train:main", "fastunlearn-evaluate": "fastunlearn.evaluate:main",
+                       "fastunlearn-digits": "fastunlearn.worlds.digits:main"}
+    for module in ("fastunlearn.train", "fastunlearn.evaluate", "fastunlearn.worlds.digits"):
+        proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=300,
+                              cwd="/")
+        assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_world_names_are_resolved_in_one_place():
+    from fastunlearn import worlds
+
+    assert worlds.get("digits").name == "digits" and worlds.get("path/to/sd15") is None
+    for path in ("models.py", "train.py", "data.py", "evaluate.py"):
+        text = (ROOT / "fastunlearn" / path).read_text()
+        assert "worlds.digits" not in text and '== "digits"' not in text, path
+
+
+def test_old_method_args_section_names_the_new_keys():
+    from fastunlearn.config import TrainConfig, apply_dict
+    from fastunlearn.errors import FastUnlearnError
+
+    with pytest.raises(FastUnlearnError, match="alpha -> ovw.alpha"):
+        apply_dict(TrainConfig(), {"method_args": {"alpha": 0.5}})
