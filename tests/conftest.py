@@ -36,3 +36,19 @@ def digits_world():
     from fastunlearn.worlds.digits import load_world
 
     return load_world()
+
+
+# Settings that make a run on the tiny fixtures take seconds.
+SMALL = ["--set", "forget_batch_size=2", "--set", "retain_batch_size=2", "--set", "forget_samples_per_prompt=2",
+         "--set", "retain_samples_per_prompt=2", "--set", "sample_steps=2", "--set", "eval.forget_samples=2",
+         "--set", "eval.retain_samples_per_prompt=1", "--set", "eval.num_inference_steps=2",
+         "--set", "saddle.g0_batches=1", "--set", "eval.grid_seeds=2", "--set", "eval.every=0"]
+
+
+@pytest.fixture()
+def base_args(tiny_sd_path, tmp_path):
+    """Command-line arguments of a tiny run: the tiny SD fixture, two forget and two retain prompts."""
+    (tmp_path / "forget.txt").write_text("a photo of cat\na painting of cat\n")
+    (tmp_path / "retain.txt").write_text("a photo of dog\na photo of car\n")
+    return ["--model", str(tiny_sd_path), "--forget-prompts", str(tmp_path / "forget.txt"),
+            "--retain-prompts", str(tmp_path / "retain.txt"), *SMALL]

@@ -13,18 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DiffusionPipeline
-from test_reliability import SMALL, TRAIN, env, one_error_line, train, unet_weights
+from test_reliability import TRAIN, env, one_error_line, train, unet_weights
 
 from fastunlearn.errors import FastUnlearnError
 from fastunlearn.outputs import MOVING, PREVIOUS, RunFolder, strict_json
-
-
-@pytest.fixture()
-def base_args(tiny_sd_path, tmp_path):
-    (tmp_path / "forget.txt").write_text("a photo of cat\na painting of cat\n")
-    (tmp_path / "retain.txt").write_text("a photo of dog\na photo of car\n")
-    return ["--model", str(tiny_sd_path), "--forget-prompts", str(tmp_path / "forget.txt"),
-            "--retain-prompts", str(tmp_path / "retain.txt"), *SMALL]
 
 
 def assert_intact(run: Path, report_text: str, weights: dict):

@@ -20,24 +20,12 @@ from fastunlearn.errors import FastUnlearnError
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "fastunlearn" / "train.py")
-SMALL = ["--set", "forget_batch_size=2", "--set", "retain_batch_size=2", "--set", "forget_samples_per_prompt=2",
-         "--set", "retain_samples_per_prompt=2", "--set", "sample_steps=2", "--set", "eval.forget_samples=2",
-         "--set", "eval.retain_samples_per_prompt=1", "--set", "eval.num_inference_steps=2",
-         "--set", "saddle.g0_batches=1", "--set", "eval.grid_seeds=2", "--set", "eval.every=0"]
 
 
 def env(tmp_path, **extra):
     drop = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "FASTUNLEARN_FAULT"}
     e = {k: v for k, v in os.environ.items() if k not in drop}
     return e | {"HF_HUB_OFFLINE": "1", "FASTUNLEARN_CACHE": str(tmp_path / "cache")} | extra
-
-
-@pytest.fixture()
-def base_args(tiny_sd_path, tmp_path):
-    (tmp_path / "forget.txt").write_text("a photo of cat\na painting of cat\n")
-    (tmp_path / "retain.txt").write_text("a photo of dog\na photo of car\n")
-    return ["--model", str(tiny_sd_path), "--forget-prompts", str(tmp_path / "forget.txt"),
-            "--retain-prompts", str(tmp_path / "retain.txt"), *SMALL]
 
 
 def train(args, tmp_path, fault=None, timeout=300):
