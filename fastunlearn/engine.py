@@ -104,7 +104,6 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     return ds
 
 
-
 def unet_call(model, items, cond, device, dtype, grad: bool) -> list:
     """One batched UNet call for several (x, t, prompt ids) items; returns one output per item.
     `cond.kwargs(ids)` gives the conditioning (fastunlearn.models.Conditioner or a stand-in)."""
@@ -115,7 +114,6 @@ def unet_call(model, items, cond, device, dtype, grad: bool) -> list:
     with torch.set_grad_enabled(grad):
         out = model(x, t, **cond.kwargs(ids), return_dict=False)[0]
     return list(out.split(sizes))
-
 
 
 class StepGuard:
@@ -168,7 +166,6 @@ def fault(point: str, step: int, rank: int, batch=None, model=None):
         handle = param.register_hook(poison)
 
 
-
 def distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -185,6 +182,12 @@ def all_reduce(value: float, op: str = "mean") -> float:
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         return float(t) / (1 if op == "max" else dist.get_world_size())
     return float(value)
+
+
+def all_reduce_sum_(t: torch.Tensor) -> None:
+    """Sum `t` over all ranks, in place (nothing in a single process)."""
+    if distributed():
+        dist.all_reduce(t)
 
 
 def from_rank0(obj):

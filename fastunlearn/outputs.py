@@ -186,8 +186,12 @@ class RunFolder:
                     os.replace(entry, out / entry.name)
             shutil.rmtree(moving, ignore_errors=True)
         for entry in out.iterdir():
-            if entry.name.startswith((DISCARD, FINAL_TMP)):  # no other run can own them: we hold the lock
-                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            if not entry.name.startswith((DISCARD, FINAL_TMP)):
+                continue
+            if entry.is_dir():  # no other run can own it: we hold the lock
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
     def _move_aside(self) -> None:
         out, prev, moving = self.out, self.out / PREVIOUS, self.out / MOVING

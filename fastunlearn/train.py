@@ -36,6 +36,7 @@ from fastunlearn.engine import (  # noqa: E402
     DTYPES,
     StepGuard,
     all_reduce,
+    all_reduce_sum_,
     deepspeed_config,
     fault,
     init_distributed,
@@ -222,12 +223,8 @@ class Trainer:
         """The narrow view of the run a method gets at setup (fastunlearn.methods.Context)."""
         from fastunlearn.methods import Context
 
-        def sum_(t):
-            if self.world > 1:
-                dist.all_reduce(t)
-
         return Context(module=self.engine.module, make_step=self.make_step, call=self.module_call,
-                       teacher=self.teacher_call, all_reduce=all_reduce, all_reduce_sum_=sum_)
+                       teacher=self.teacher_call, all_reduce=all_reduce, all_reduce_sum_=all_reduce_sum_)
 
     def make_step(self, step: int, micro: int):
         """The micro-batch of (step, micro, rank): a pure function of the seed, so a resumed run sees the same data."""
