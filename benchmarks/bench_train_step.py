@@ -130,7 +130,7 @@ def run_one(spec: dict) -> dict:
 
     method = make_method(cfg)
     if hasattr(method, "g0"):  # Saddle without its G0 measurement: the step's cost does not depend on it
-        method.g0, method.g_hat, method.tau = 1.0, 1.0, 0.2
+        method.g0, method.tau = 1.0, 0.2
 
     def batch():
         t = torch.randint(0, 1000, (B,), generator=g)

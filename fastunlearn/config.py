@@ -25,7 +25,9 @@ FORGET_TARGETS = ("esd", "anchor", "noise")
 
 @dataclass
 class EvalConfig:
-    every: int = num(50, 0)             # in-training evaluation every N steps (0: only at the end)
+    every: int = num(50, 0)             # in-training evaluation every N steps (0: only at the end) ...
+    early_every: int = num(25, 0)       # ... and every N steps up to step early_until (0: no denser start)
+    early_until: int = num(150, 0)
     forget_samples: int = num(100, 1)   # final evaluation: samples over the forget prompts
     retain_samples_per_prompt: int = num(20, 1)
     train_forget_samples: int = num(30, 1)   # in-training evaluation (cheaper)
@@ -36,6 +38,11 @@ class EvalConfig:
     stop_when_forgotten: bool = False  # stop at the first evaluation where the forget criterion holds
     forget_threshold: float = num(0.10, 0, 1)     # digits world: the forget criterion is forget_accuracy <= this
     clip_model: str | None = None      # a local CLIP model folder (transformers) for CLIPScore; none: not computed
+
+    def due(self, step: int) -> bool:
+        """Whether an in-training evaluation runs after optimiser step `step`."""
+        early = self.early_every and step <= self.early_until and step % self.early_every == 0
+        return bool(early or (self.every and step % self.every == 0))
 
 
 @dataclass

@@ -13,12 +13,20 @@ from .sampling import SamplerConfig, sample_sharded, with_unet  # noqa: F401  (w
 
 
 class Evaluator:
-    """Fixed (prompt, seed) sets for forget and retain; `labels_*` (digits world) enable accuracy."""
+    """Fixed (prompt, seed) sets for forget and retain; `labels_*` (digits world) enable accuracy.
+
+    `retain_groups` (one name per retain sample, e.g. its digit) adds I_retain and retain accuracy per
+    group under `*_by_<group_key>`; `trained_forget` (the prompts the run trained on) splits forget
+    accuracy into the samples drawn from those prompts (`_seen`) and from the others (`_unseen`)."""
 
     def __init__(self, teacher_pipe, forget, retain, sampler: SamplerConfig, perceptual=None, classifier=None,
-                 forget_label=None, retain_labels=None, real_retain=None, clip=None):
+                 forget_label=None, retain_labels=None, real_retain=None, clip=None, retain_groups=None,
+                 group_key="prompt", trained_forget=None):
         self.teacher_pipe, self.sampler = teacher_pipe, sampler
         self.forget, self.retain = forget, retain  # (prompts, seeds)
+        self.retain_groups, self.group_key = retain_groups, group_key
+        self.forget_seen = (torch.tensor([p in set(trained_forget) for p in forget[0]])
+                            if trained_forget is not None else None)
         self.perceptual, self.classifier = perceptual, classifier
         self.forget_label = forget_label
         self.retain_labels = torch.tensor(retain_labels) if retain_labels is not None else None
@@ -34,10 +42,20 @@ class Evaluator:
         return self._teacher
 
     def accuracy(self, forget_images, retain_images) -> dict:
-        f = self.classifier.predict(forget_images * 2 - 1)
-        r = self.classifier.predict(retain_images * 2 - 1)
-        return {"forget_accuracy": float((f == self.forget_label).float().mean()),
-                "retain_accuracy": float((r == self.retain_labels).float().mean())}
+        f = (self.classifier.predict(forget_images * 2 - 1) == self.forget_label).float()
+        r = (self.classifier.predict(retain_images * 2 - 1) == self.retain_labels).float()
+        out = {"forget_accuracy": float(f.mean()), "retain_accuracy": float(r.mean())}
+        if self.forget_seen is not None:
+            for name, mask in (("seen", self.forget_seen), ("unseen", ~self.forget_seen)):
+                out[f"forget_accuracy_{name}"] = float(f[mask].mean()) if mask.any() else None
+        if self.retain_groups is not None:
+            out[f"retain_accuracy_by_{self.group_key}"] = self.by_group(r)
+        return out
+
+    def by_group(self, values: torch.Tensor) -> dict:
+        """Mean of per-retain-sample `values` for each retain group, in first-seen order."""
+        groups = list(dict.fromkeys(self.retain_groups))
+        return {str(g): round(float(values[[x == g for x in self.retain_groups]].float().mean()), 6) for g in groups}
 
     def base(self) -> dict:
         imgs, _ = self.teacher()
@@ -62,6 +80,8 @@ class Evaluator:
             for k in ("retain", "forget"):
                 res = paired_distance(self.perceptual, t_imgs[k], s_imgs[k], t_feats[k])
                 out[f"integrity_{k}"], out[f"integrity_{k}_ci95"] = res["mean"], res["ci95"]
+                if k == "retain" and self.retain_groups is not None:
+                    out[f"integrity_retain_by_{self.group_key}"] = self.by_group(res["values"])
         if self.classifier is not None:
             out.update(self.accuracy(s_imgs["forget"], s_imgs["retain"]))
         if hasattr(self.perceptual, "embed"):
@@ -132,7 +152,8 @@ def training_evaluator(e, teacher_pipe, forget, retain, final: bool, world=None,
     n_f = e.forget_samples if final else e.train_forget_samples
     n_r = e.retain_samples_per_prompt if final else e.train_retain_samples_per_prompt
     if world_info is not None:
-        return Evaluator(teacher_pipe, sampler=sampler, clip=clip, **world.evaluation(world_info, n_f, n_r))
+        return Evaluator(teacher_pipe, sampler=sampler, clip=clip, trained_forget=forget,
+                         **world.evaluation(world_info, n_f, n_r))
     forget_set = ([forget[i % len(forget)] for i in range(n_f)], list(range(n_f)))
     retain_set = ([p for p in retain for _ in range(n_r)], [s for _ in retain for s in range(n_r)])
     note("FID (Inception) not computed: fastunlearn does not ship Inception-FID weights and does not "
@@ -148,7 +169,8 @@ def training_evaluator(e, teacher_pipe, forget, retain, final: bool, world=None,
     except FastUnlearnError as exc:
         perceptual = None
         note(f"integrity not computed: {exc}")
-    return Evaluator(teacher_pipe, forget_set, retain_set, sampler, perceptual, clip=clip)
+    return Evaluator(teacher_pipe, forget_set, retain_set, sampler, perceptual, clip=clip, retain_groups=retain_set[0],
+                     trained_forget=forget)
 
 
 def comparison_rows(evaluator: Evaluator, teacher_images: dict, student_images: dict, per_row: int) -> list:

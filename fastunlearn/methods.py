@@ -175,77 +175,125 @@ class OVW(Method):
 
 @dataclass
 class SaddleConfig:
+    dual: str = "pi"                        # λ's update rule: pi (proportional-integral) | ga (gradient ascent)
     tau: float = num(0.2, above=0)          # constraint level, as a fraction of G0 (the original model's forget gap)
-    eta_lambda: float = num(0.1, 0)         # dual step size, in units of 1/G0
-    lambda_init: float = num(1.0, 0)
+    kappa_p: float = num(0.5, 0)            # pi: proportional gain (on the running mean ξ of the error)
+    kappa_i: float = num(0.01, 0)           # pi: integral gain
+    nu: float = num(0.9, 0, 1)              # pi: decay of ξ
+    eta_lambda: float = num(0.1, 0)         # ga: dual step size, in units of 1/G0
+    gap_ema: float = num(0.9, 0, 1)         # ga: Ĝ = running mean of G with this decay
+    lambda_init: float = num(0.0, 0)        # pi: the integral's start I_{-1}; ga: λ_0
     lambda_max: float = num(10.0, above=0)
-    gap_ema: float = num(0.9, 0, 1)         # Ĝ = running mean of G with this decay
-    g0_batches: int = num(8, 1)             # forget batches averaged to measure G0 before training
+    g0_batches: int = num(8, 1)             # fixed forget batches that measure G0 (and G, for the probe)
+    probe_every: int = num(10, 0)           # G on the G0 batches every N steps (0: off; constraint_met_step
+                                            # then comes from the controller's running mean)
 
     def check(self, prefix: str) -> None:
+        if self.dual not in ("pi", "ga"):
+            raise FastUnlearnError(f"{prefix}dual must be pi or ga, got {self.dual!r}")
+        if self.nu >= 1:
+            raise FastUnlearnError(f"{prefix}nu must be below 1 (got {self.nu}): ξ would never move")
         if self.lambda_init > self.lambda_max:
             raise FastUnlearnError(f"{prefix}lambda_init ({self.lambda_init}) must not exceed {prefix}lambda_max "
                                    f"({self.lambda_max})")
 
 
 class Saddle(Method):
-    """min R s.t. G ≤ τ: L = R + λ (G − τ); λ ← clip(λ + η_λ (Ĝ − τ), 0, λ_max) after each optimiser step."""
+    """min R s.t. G ≤ τ: L = R + λ (G − τ), λ updated after each optimiser step by a PI controller on
+    the error (G − τ)/G0 or by dual gradient ascent (fastunlearn.dual, docs/methods.md)."""
 
     name = "saddle"
     Config = SaddleConfig
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        s = cfg.saddle
-        self.lam = s.lambda_init
+        self.lam = self.args.lambda_init  # until setup builds the controller (which needs G0)
         self.g0 = None        # the original model's forget gap, measured before training
-        self.g_hat = None     # running mean of G
         self.tau = None
+        self.dual = None
         self.constraint_met_step = None
+        self.peak_lambda = None
+        self.lambda_trace = []   # λ used at each step
+        self.probe_trace = []    # [step, G/G0 on the fixed G0 batches]
+        self._probe_batches = []
 
     def setup(self, ctx):
+        self.ctx = ctx
+        g0 = self.forget_gap(ctx, self.args.g0_batches)  # also caches the probe's batches and targets
         if self.g0 is None:  # not restored from a checkpoint
-            self.g0 = self.forget_gap(ctx, self.args.g0_batches)
+            self.g0 = g0
             if not self.g0 > 0:
                 raise FastUnlearnError(f"saddle: the original model's forget gap G0 = {self.g0} is not positive; "
                                        "the forget target equals the teacher (check forget_target and prompts)")
             self.tau = self.args.tau * self.g0
-            self.g_hat = self.g0
+        self.dual = self.make_dual()
+        self.lam = self.dual.lam
+        self.peak_lambda = self.lam if self.peak_lambda is None else self.peak_lambda
+
+    def make_dual(self):
+        from .dual import GADual, PIDual
+
+        s = self.args
+        if s.dual == "ga":
+            return GADual(self.g0, self.tau, s.eta_lambda, s.lambda_init, s.lambda_max, s.gap_ema)
+        return PIDual(self.g0, self.tau, s.kappa_p, s.kappa_i, s.nu, s.lambda_init, s.lambda_max)
 
     def forget_gap(self, ctx, batches: int) -> float:
-        """G at θ0 (student = teacher), averaged over `batches` fixed forget batches and all ranks."""
-        total = 0.0
+        """G at θ0 (student = teacher), averaged over `batches` fixed forget batches and all ranks. The
+        batches and their combined targets are kept for the probe (`probe`)."""
+        total, self._probe_batches = 0.0, []
         for b in range(batches):
             st = ctx.make_step(-1 - b, 0)
             T_c, T_null, *extra = ctx.teacher((st.x_f, st.t_f, st.c_f), (st.x_f, st.t_f, st.null(len(st.x_f))),
                                               *self.forget_teacher_items(st))
             targets, coeffs = self.forget_target(st, extra, T_null)
-            total += float(mse(T_c, targets, coeffs))
+            target = sum(c * T for c, T in zip(coeffs, targets))  # the primitive's combined target, kept once
+            self._probe_batches.append(((st.x_f, st.t_f, st.c_f), target))
+            total += float(mse(T_c, [target]))
         return ctx.all_reduce(total / batches, "mean")
+
+    @torch.no_grad()
+    def probe(self) -> float:
+        """G of the current student on the G0 batches (same inputs, same targets): a paired, low-noise
+        measure of the constraint, G_probe / G0 = 1 at θ0."""
+        total = sum(float(mse(self.ctx.call([items], grad=False)[0], [target]))
+                    for items, target in self._probe_batches)
+        return self.ctx.all_reduce(total / len(self._probe_batches), "mean") / self.g0
 
     def loss(self, st):
         R, G = self.r_and_g(st)
         return R + self.lam * (G - self.tau), {"R": R, "G": G}
 
     def after_step(self, logs, step):
-        s = self.args
-        self.g_hat = s.gap_ema * self.g_hat + (1 - s.gap_ema) * float(logs["G"])
-        self.lam = min(max(self.lam + (s.eta_lambda / self.g0) * (self.g_hat - self.tau), 0.0), s.lambda_max)
-        if self.constraint_met_step is None and self.g_hat <= self.tau:
+        self.lam = self.dual.update(float(logs["G"]))
+        self.peak_lambda = max(self.peak_lambda, self.lam)
+        self.lambda_trace.append(round(self.lam, 6))
+        logs.update(self.dual.parts(), tau=self.args.tau)
+        every = self.args.probe_every
+        if every and step % every == 0:
+            value = self.probe()
+            self.probe_trace.append([step, round(value, 6)])
+            logs["probe"] = value
+            if self.constraint_met_step is None and value <= self.args.tau:
+                self.constraint_met_step = step
+        elif not every and self.constraint_met_step is None and logs["gap"] <= self.args.tau:
             self.constraint_met_step = step
-        logs.update(lam=self.lam, gap=self.g_hat / self.g0, tau=self.tau / self.g0)
 
     def state_dict(self):
-        return {"lam": self.lam, "g0": self.g0, "g_hat": self.g_hat, "tau": self.tau,
-                "constraint_met_step": self.constraint_met_step}
+        return {"lam": self.lam, "g0": self.g0, "tau": self.tau, "dual": self.dual.state_dict(),
+                "constraint_met_step": self.constraint_met_step, "peak_lambda": self.peak_lambda,
+                "lambda_trace": self.lambda_trace, "probe_trace": self.probe_trace}
 
     def load_state_dict(self, state):
-        for k in ("lam", "g0", "g_hat", "tau", "constraint_met_step"):
+        for k in ("lam", "g0", "tau", "constraint_met_step", "peak_lambda", "lambda_trace", "probe_trace"):
             setattr(self, k, state[k])
+        self.dual = self.make_dual()
+        self.dual.load_state_dict(state["dual"])
 
     def report(self):
-        return {"constraint_met_step": self.constraint_met_step, "final_lambda": self.lam, "G0": self.g0,
-                "tau": self.tau}
+        return {"constraint_met_step": self.constraint_met_step, "final_lambda": self.lam,
+                "peak_lambda": self.peak_lambda, "G0": self.g0, "tau": self.tau, "dual": self.args.dual,
+                "lambda_trace": self.lambda_trace, "probe_trace": self.probe_trace}
 
 
 class ESD(Method):

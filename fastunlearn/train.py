@@ -338,7 +338,7 @@ class Trainer:
         self.log(f"optimizer {type(self.engine.basic_optimizer).__name__} (built by "
                  f"{'DeepSpeed' if 'optimizer' in self.ds_config else 'fastunlearn'}), lr {group['lr']:g}, "
                  f"weight_decay {group.get('weight_decay', 0):g}, gradient_clipping {self.ds_config['gradient_clipping']:g}")
-        evaluator = self.build_evaluator(final=False) if cfg.eval.every else None
+        evaluator = self.build_evaluator(final=False) if cfg.eval.every or cfg.eval.early_every else None
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"unlearning ({cfg.method})", disable=self.rank != 0)
         while self.step < cfg.max_steps:
             logs, bad_terms = {}, []
@@ -366,12 +366,13 @@ class Trainer:
             self.nonfinite_in_row = 0
             logs = {k: all_reduce(v) for k, v in logs.items()}
             self.method.after_step(logs, self.step)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k in ("loss", "lam", "gap", "G", "R")})
+            bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k in ("loss", "lam", "probe", "G", "R")})
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 self.log(f"step {self.step} " + " ".join(f"{k}={v:.5g}" for k, v in logs.items()))
-            if evaluator is not None and self.step % cfg.eval.every == 0 and self.step < cfg.max_steps:
+            if evaluator is not None and cfg.eval.due(self.step) and self.step < cfg.max_steps:
                 metrics, _ = self.evaluate(evaluator)
-                self.history.append({"step": self.step, **metrics, **{k: logs[k] for k in ("lam", "gap") if k in logs}})
+                self.history.append({"step": self.step, **metrics,
+                                     **{k: logs[k] for k in ("lam", "lam_P", "lam_I", "gap", "probe") if k in logs}})
                 self.log(f"eval step {self.step} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
                 if self.steps_to_converge is None and self.forgotten(metrics):
                     self.steps_to_converge = self.step

@@ -16,6 +16,7 @@ import torch
 from torch.func import functional_call
 
 from fastunlearn import methods as M
+from fastunlearn.dual import GADual
 
 C, H, W = 2, 3, 3
 P = 8            # prompt ids: 0 = ∅, 1-2 forget, 3-5 retain, 6-7 anchor
@@ -87,7 +88,8 @@ def config(method: str, forget_target: str = "esd", retain_target: str = "teache
         method=method, forget_target=forget_target, forget_eta=forget_eta, retain_target=retain_target,
         ovw=M.OVWConfig(alpha=0.3), ga=M.GAConfig(beta=0.7), salun=M.SalUnConfig(alpha=0.6, mask_ratio=0.25),
         erasediff=M.EraseDiffConfig(inner_steps=3, inner_lr=0.05, lambda_b=0.4),
-        saddle=M.SaddleConfig(tau=0.3, eta_lambda=0.2, lambda_init=0.7, lambda_max=5.0, gap_ema=0.8, g0_batches=3))
+        saddle=M.SaddleConfig(dual="ga", tau=0.3, eta_lambda=0.2, lambda_init=0.7, lambda_max=5.0, gap_ema=0.8,
+                              g0_batches=3, probe_every=0))
 
 
 # ---- the formulas of docs/methods.md, in plain torch ------------------------------------------------
@@ -182,29 +184,31 @@ def test_ovw_is_r_plus_alpha_g(forget_target, retain_target):
 @pytest.mark.parametrize("forget_target", ["esd", "anchor", "noise"])
 def test_saddle_loss_and_dual_update(forget_target):
     method, cfg, st, s, te, sc, tc = run("saddle", forget_target=forget_target)
-    method.lam, method.tau, method.g0, method.g_hat = 0.7, 0.05, 0.4, 0.3
+    a = cfg.saddle
+    method.lam, method.tau, method.g0 = 0.7, 0.05, 0.4
+    method.dual, method.peak_lambda = GADual(0.4, 0.05, a.eta_lambda, 0.7, a.lambda_max, a.gap_ema), 0.7
+    method.dual.g_hat = 0.3
     loss, logs = method.loss(st)
     r, g = R(st, s, te), G(st, s, te, forget_target, cfg.forget_eta)
     check(loss, r + 0.7 * (g - 0.05), s)
     assert (sc.calls, tc.calls) == (1, 1)
-    # after the optimiser step: Ĝ ← ρĜ + (1−ρ)G, λ ← clip(λ + (η_λ/G0)(Ĝ − τ), 0, λ_max)
-    a = cfg.saddle
+    # after the optimiser step (dual: ga): Ĝ ← ρĜ + (1−ρ)G, λ ← clip(λ + (η_λ/G0)(Ĝ − τ), 0, λ_max)
     method.after_step({"G": float(logs["G"].detach())}, step=7)  # the trainer passes floats
     g_hat = a.gap_ema * 0.3 + (1 - a.gap_ema) * float(g.detach())
-    assert method.g_hat == pytest.approx(g_hat, rel=1e-6)
+    assert method.dual.g_hat == pytest.approx(g_hat, rel=1e-6)
     assert method.lam == pytest.approx(min(max(0.7 + a.eta_lambda / 0.4 * (g_hat - 0.05), 0), a.lambda_max), rel=1e-6)
     assert method.constraint_met_step is None and g_hat > 0.05
-    method.lam, method.g_hat = 4.9, 50.0   # far above τ: λ clipped at λ_max; far below: at 0, constraint met
+    method.dual.lam, method.dual.g_hat = 4.9, 50.0   # far above τ: λ clipped at λ_max; far below: at 0, constraint met
     method.after_step({"G": 50.0}, step=8)
     assert method.lam == a.lambda_max
-    method.lam, method.g_hat = 0.01, 0.0
+    method.dual.lam, method.dual.g_hat = 0.01, 0.0
     method.after_step({"G": 0.0}, step=9)
     assert method.lam == 0.0 and method.constraint_met_step == 9
 
 
 def test_saddle_setup_measures_g0_on_the_teacher_and_sets_tau():
     """G0 = G of the original model (student = teacher) averaged over saddle.g0_batches fixed forget
-    batches; τ = saddle.tau · G0; Ĝ starts at G0."""
+    batches; τ = saddle.tau · G0; Ĝ starts at G0 (dual: ga)."""
     method, cfg, _, s, te, sc, tc = run("saddle")
     steps, make = step_maker(sc, tc)
     reduced = []
@@ -215,7 +219,7 @@ def test_saddle_setup_measures_g0_on_the_teacher_and_sets_tau():
     g0 = sum(msq(T(te, st.x_f, st.t_f, st.c_f), y_f(st, te, "esd", cfg.forget_eta)) for st in steps.values()) / 3
     assert method.g0 == pytest.approx(float(g0), rel=1e-6)
     assert method.tau == pytest.approx(cfg.saddle.tau * float(g0), rel=1e-6)
-    assert method.g_hat == method.g0 and method.lam == cfg.saddle.lambda_init
+    assert method.dual.g_hat == method.g0 and method.lam == cfg.saddle.lambda_init
 
 
 @pytest.mark.parametrize("forget_target", ["esd", "anchor", "noise"])

@@ -72,21 +72,26 @@ def test_v_prediction_model_trains(tmp_path, prompt_files, monkeypatch):
     assert DiffusionPipeline.from_pretrained(tmp_path / "out").scheduler.config.prediction_type == "v_prediction"
 
 
-def test_saddle_lambda_rises_above_tau_and_falls_below():
-    cfg = TrainConfig(saddle=SaddleConfig(tau=0.2, eta_lambda=0.5, lambda_init=1.0, lambda_max=10.0, gap_ema=0.5))
+@pytest.mark.parametrize("dual", ["ga", "pi"])
+def test_saddle_lambda_rises_above_tau_and_falls_below(dual):
+    cfg = TrainConfig(saddle=SaddleConfig(dual=dual, tau=0.2, eta_lambda=0.5, lambda_init=1.0, lambda_max=10.0,
+                                          gap_ema=0.5, kappa_i=0.05, probe_every=0))
     m = Saddle(cfg)
-    m.g0, m.tau, m.g_hat = 1.0, 0.2, 1.0
+    m.g0, m.tau = 1.0, 0.2
+    m.dual = m.make_dual()
+    m.lam = m.peak_lambda = m.dual.lam
     lams = []
     for step in range(1, 11):  # the gap stays at G0, far above tau
         m.after_step({"G": 1.0}, step)
         lams.append(m.lam)
     assert all(b > a for a, b in zip(lams, lams[1:])) and m.constraint_met_step is None
-    for step in range(11, 200):  # the concept is gone: the gap drops below tau
+    for step in range(11, 400):  # the concept is gone: the gap drops below tau
         m.after_step({"G": 0.0}, step)
         lams.append(m.lam)
     assert m.constraint_met_step is not None and lams[-1] == 0.0 and max(lams) <= 10.0
     peak = lams.index(max(lams))
     assert all(b <= a for a, b in zip(lams[peak:], lams[peak + 1:]))
+    assert m.peak_lambda == max(lams) and m.lambda_trace == [round(v, 6) for v in lams]
 
 
 def test_checkpoint_restores_saddle_state_optimizer_step_and_rng(tiny_sd_path, prompt_files, tmp_path, monkeypatch):
@@ -117,7 +122,8 @@ def test_checkpoint_restores_saddle_state_optimizer_step_and_rng(tiny_sd_path, p
     b = Trainer(config_from_args(argv))
     assert b.maybe_resume()
     assert b.step == 2 and b.method.state_dict() == saved_state
-    assert {"lam", "g0", "g_hat", "tau"} <= saved_state.keys() and saved_state["lam"] != 1.0
+    assert {"lam", "g0", "dual", "tau", "lambda_trace"} <= saved_state.keys() and len(saved_state["lambda_trace"]) == 2
+    assert b.method.dual.state_dict() == saved_state["dual"]
     assert torch.equal(torch.get_rng_state(), rng)
     for k, v in b.engine.module.state_dict().items():
         assert torch.equal(v, saved_weights[k]), k
