@@ -83,3 +83,41 @@ def test_incompatible_schedulers_and_sizes_are_refused(tiny_sd_path):
     b.unet.register_to_config(sample_size=16)
     with pytest.raises(FastUnlearnError, match="different image sizes"):
         _compatible(a, b)
+
+
+def test_evaluator_splits_accuracy_by_retained_group_and_seen_phrasing():
+    """Per-group retain accuracy and I_retain (confusable digits stay visible) and forget accuracy on
+    the trained phrasings vs the held-out ones, computed from per-sample judgements."""
+    from fastunlearn.evaluate import Evaluator
+
+    class Judge:  # "predicts" the label stored in the image's first pixel
+        def predict(self, x):
+            return ((x[:, 0, 0, 0] + 1) / 2 * 10).round().long()
+
+    class Perceptual:  # distance = |difference| of the second pixel
+        name = "fake"
+
+        def features(self, imgs):
+            return [imgs[:, :1, 0, 1]]
+
+        def distance(self, f0, f1):
+            return (f0[0] - f1[0]).abs().flatten()
+
+    def images(labels, second):
+        x = torch.zeros(len(labels), 3, 2, 2)
+        x[:, 0, 0, 0] = torch.tensor(labels, dtype=torch.float32) / 10
+        x[:, 0, 0, 1] = torch.tensor(second)
+        return x
+
+    forget = (["p0", "p1", "p0", "p1"], [0, 1, 2, 3])
+    retain = (["five"] * 2 + ["eight"] * 3, list(range(5)))
+    ev = Evaluator(None, forget, retain, sampler=None, perceptual=Perceptual(), classifier=Judge(), forget_label=3,
+                   retain_labels=[5, 5, 8, 8, 8], retain_groups=[5, 5, 8, 8, 8], group_key="digit",
+                   trained_forget=["p0"])
+    acc = ev.accuracy(images([3, 3, 1, 1], [0] * 4), images([5, 6, 8, 8, 2], [0] * 5))
+    assert acc["forget_accuracy"] == 0.5 and acc["forget_accuracy_seen"] == 0.5 and acc["forget_accuracy_unseen"] == 0.5
+    assert acc["retain_accuracy_by_digit"] == {"5": 0.5, "8": pytest.approx(2 / 3, abs=1e-6)}
+    ev2 = Evaluator(None, forget, retain, sampler=None, classifier=Judge(), forget_label=3,
+                    retain_labels=[5, 5, 8, 8, 8], trained_forget=["p0", "p1"])
+    assert ev2.accuracy(images([3, 0, 3, 3], [0] * 4), images([5] * 5, [0] * 5))["forget_accuracy_unseen"] is None
+    assert ev.by_group(torch.tensor([0.1, 0.3, 1.0, 2.0, 3.0])) == {"5": 0.2, "8": 2.0}

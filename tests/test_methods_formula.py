@@ -222,6 +222,34 @@ def test_saddle_setup_measures_g0_on_the_teacher_and_sets_tau():
     assert method.dual.g_hat == method.g0 and method.lam == cfg.saddle.lambda_init
 
 
+def test_saddle_probe_is_g_of_the_student_on_the_g0_batches():
+    """The constraint probe: G of the current student on the same fixed forget batches and targets
+    as G0, divided by G0 (so 1 for the original model); every saddle.probe_every steps, it alone
+    decides constraint_met_step."""
+    method, cfg, _, s, te, sc, tc = run("saddle")
+    method.args.probe_every = 5
+    steps, make = step_maker(sc, tc)
+
+    def call(items, params=None, grad=True):
+        return Caller(s)(*items, grad=grad)
+
+    ctx = M.Context(module=s, make_step=make, call=call, teacher=tc, all_reduce=lambda v, op: v, all_reduce_sum_=None)
+    method.setup(ctx)
+    probe = sum(msq(S(s, st.x_f, st.t_f, st.c_f), y_f(st, te, "esd", cfg.forget_eta)) for st in steps.values()) / 3
+    assert method.probe() == pytest.approx(float(probe) / method.g0, rel=1e-6)  # the primitive sums in fp32
+    steps.clear()
+    method.probe()
+    assert not steps  # the batches (and their teacher targets) were kept, not drawn again
+    with torch.no_grad():  # the student becomes the teacher: the probe reads 1, as at θ0
+        for p, q in zip(s.parameters(), te.parameters()):
+            p.copy_(q)
+    assert method.probe() == pytest.approx(1.0, rel=1e-6)
+    for step in range(1, 11):  # the batch G (and its running mean) is far below τ, but the probe reads 1
+        method.after_step({"G": 0.0}, step)
+    assert method.constraint_met_step is None and method.dual.parts()["gap"] < method.args.tau
+    assert [p[0] for p in method.probe_trace] == [5, 10] and all(v == pytest.approx(1.0) for _, v in method.probe_trace)
+
+
 @pytest.mark.parametrize("forget_target", ["esd", "anchor", "noise"])
 def test_esd_is_g_only(forget_target):
     method, cfg, st, s, te, sc, tc = run("esd", forget_target=forget_target)
