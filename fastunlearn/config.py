@@ -46,6 +46,14 @@ class EvalConfig:
 
 
 @dataclass
+class LoRAConfig:
+    rank: int = num(0, 0)              # > 0: train PEFT LoRA adapters of this rank instead of the weights (--lora-rank)
+    alpha: float | None = None         # LoRA scaling alpha (default: the rank)
+    target_modules: str | None = None  # a regex or comma-separated module names; default: the attention
+                                       # projections (to_q, to_k, to_v, to_out.0) of the `params` subset
+
+
+@dataclass
 class TrainConfig:
     model: str = "digits"
     method: str = "saddle"
@@ -82,6 +90,7 @@ class TrainConfig:
     log_every: int = num(10, 1)
     max_nonfinite_steps: int = num(5, 1)     # steps in a row with a non-finite loss/gradient (each skipped) before the run stops
     cache_dir: str | None = None
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> TrainConfig:
@@ -98,6 +107,15 @@ class TrainConfig:
         if self.teacher == "shared" and (self.params == "full" or self.zero_stage == 3):
             raise FastUnlearnError("teacher: shared needs a parameter subset (params: attn2 or non-attn2) and ZeRO stage < 3")
         check_ranges(self)
+        if self.lora.rank:
+            if self.zero_stage == 3:
+                raise FastUnlearnError("LoRA (lora.rank > 0) runs with ZeRO stages 0-2, not 3: the adapter is what "
+                                       "ZeRO partitions, and it is small; use --zero-stage 2")
+            if self.lora.alpha is not None and not self.lora.alpha > 0:
+                raise FastUnlearnError(f"lora.alpha must be > 0, got {self.lora.alpha}")
+            if self.teacher != "auto":
+                raise FastUnlearnError(f"teacher: {self.teacher} does not apply with LoRA: the teacher is the student "
+                                       "with its adapters switched off (leave teacher at auto)")
         if self.retain_target not in ("teacher", "noise"):
             raise FastUnlearnError(f"retain_target must be teacher or noise, got {self.retain_target!r}")
         if not str(self.output_dir).strip():

@@ -229,3 +229,73 @@ class SharedTeacher(torch.nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self._student, name)
+
+
+# LoRA (PEFT) adapters: the attention projections of the trained subset, unless lora.target_modules says
+LORA_TARGETS = {"full": r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)$", "attn2": r".*attn2\.(to_q|to_k|to_v|to_out\.0)$",
+                "non-attn2": r".*attn1\.(to_q|to_k|to_v|to_out\.0)$"}
+
+
+def add_lora(unet: torch.nn.Module, rank: int, alpha: float | None, target_modules: str | None, subset: str) -> list[str]:
+    """Add a PEFT LoRA adapter (A Gaussian, B zero: the student starts equal to the original) and return
+    the names of its parameters, the only ones trained."""
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise FastUnlearnError("LoRA (lora.rank > 0) needs the peft package: pip install 'fastunlearn[lora]'") from None
+    targets = target_modules or LORA_TARGETS[subset]
+    if isinstance(targets, str) and "," in targets:
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    try:
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
+                                    target_modules=targets))
+    except ValueError as exc:
+        raise FastUnlearnError(f"lora.target_modules {targets!r}: {str(exc).splitlines()[0]}") from None
+    return [n for n, _ in unet.named_parameters() if ".lora_" in n]
+
+
+class AdapterTeacher(torch.nn.Module):
+    """The original model as the student itself with its LoRA adapters switched off: no weights of its
+    own, so the teacher costs no memory. Always without gradients. Attributes a pipeline reads come
+    from the student; `state_dict` gives the base weights under their original names."""
+
+    def __init__(self, student: torch.nn.Module):
+        super().__init__()
+        object.__setattr__(self, "_student", student)  # not a submodule: no duplicate parameters
+
+    def forward(self, *args, **kwargs):
+        with torch.no_grad():
+            self._student.disable_adapters()
+            try:
+                return self._student(*args, **kwargs)
+            finally:
+                self._student.enable_adapters()
+
+    def state_dict(self, *args, **kwargs):
+        return {k.replace(".base_layer.", "."): v for k, v in self._student.state_dict(*args, **kwargs).items()
+                if ".lora_" not in k}
+
+    def extra_bytes(self) -> int:
+        return 0
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._student, name)
+
+
+def save_lora(pipe, unet: torch.nn.Module, folder) -> None:
+    """The adapter as `pytorch_lora_weights.safetensors`, the file `pipe.load_lora_weights(folder)` reads."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    type(pipe).save_lora_weights(str(folder), unet_lora_layers=convert_state_dict_to_diffusers(
+        get_peft_model_state_dict(unet)), safe_serialization=True)
+
+
+def merge_lora(unet: torch.nn.Module) -> torch.nn.Module:
+    """Fold the adapter into the base weights and remove it, in place (the UNet saves as a plain one)."""
+    unet.fuse_lora()
+    unet.unload_lora()
+    return unet

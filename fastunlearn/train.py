@@ -43,7 +43,6 @@ from fastunlearn.engine import (  # noqa: E402
     unet_call,
 )
 from fastunlearn.errors import FastUnlearnError, cli_errors  # noqa: E402
-from fastunlearn.models import SharedTeacher  # noqa: E402
 from fastunlearn.outputs import RunFolder, strict_json  # noqa: E402
 
 log = logging.getLogger("fastunlearn")
@@ -75,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--max-steps", "optimiser steps", int)
     flag("--zero-stage", "DeepSpeed ZeRO stage 0-3", int)
     flag("--seed", "seed of data order, noise and timesteps", int)
+    p.add_argument("--lora-rank", type=int, default=None, metavar="R",
+                   help="train LoRA adapters of rank R (PEFT) instead of the weights; the teacher is the same UNet "
+                        "with its adapters off (lora.rank; default: 0, no LoRA)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --output-dir (default: refuse)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other config key, dotted for sections, e.g. --set saddle.tau=0.1 --set lr=1e-4")
@@ -90,6 +92,8 @@ def config_from_args(argv=None) -> TrainConfig:
                  "output_dir", "max_steps", "zero_stage", "seed"):
         if getattr(args, flag) is not None:
             setattr(cfg, flag, getattr(args, flag))
+    if args.lora_rank is not None:
+        cfg.lora.rank = args.lora_rank
     if args.overwrite:
         cfg.overwrite = True
     for item in args.set:
@@ -134,7 +138,16 @@ class Trainer:
     def _build(self, forget, retain, anchors):
         """Load and check everything the run needs: pipeline, process group, DeepSpeed config, teacher,
         conditioning, data, engine. Writes nothing to the output folder."""
-        from fastunlearn.models import Conditioner, fingerprint, load_pipeline, param_subset, prompt_overflow
+        from fastunlearn.models import (
+            AdapterTeacher,
+            Conditioner,
+            SharedTeacher,
+            add_lora,
+            fingerprint,
+            load_pipeline,
+            param_subset,
+            prompt_overflow,
+        )
 
         cfg = self.cfg
         self.dtype = DTYPES[cfg.mixed_precision]
@@ -150,10 +163,14 @@ class Trainer:
         # teacher: the original model, made before DeepSpeed sees the student. With a parameter subset it
         # shares every frozen weight with the student (SharedTeacher); else a frozen copy in the working dtype.
         self.student = self.pipe.unet
-        trained = set(param_subset(self.student, cfg.params))
-        share = cfg.teacher == "shared" or (cfg.teacher == "auto" and cfg.params != "full" and cfg.zero_stage < 3)
-        self.teacher = (SharedTeacher(self.student, trained) if share
-                        else copy.deepcopy(self.pipe.unet).eval().requires_grad_(False))
+        if cfg.lora.rank:  # LoRA: the teacher is the student with its adapters off, at no memory cost
+            trained = set(add_lora(self.student, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules, cfg.params))
+            self.teacher = AdapterTeacher(self.student)
+        else:
+            trained = set(param_subset(self.student, cfg.params))
+            share = cfg.teacher == "shared" or (cfg.teacher == "auto" and cfg.params != "full" and cfg.zero_stage < 3)
+            self.teacher = (SharedTeacher(self.student, trained) if share
+                            else copy.deepcopy(self.pipe.unet).eval().requires_grad_(False))
         for name, p in self.student.named_parameters():
             p.requires_grad_(name in trained)
         if cfg.gradient_checkpointing:
@@ -410,7 +427,7 @@ class Trainer:
         if self.rank != 0:
             return
         t_imgs, _ = evaluator.teacher()
-        shared = isinstance(self.teacher, SharedTeacher)
+        shared = hasattr(self.teacher, "extra_bytes")  # SharedTeacher, or AdapterTeacher (LoRA)
         report = {
             "method": cfg.method, "model": cfg.model, "params": cfg.params, "forget_target": cfg.forget_target,
             "forget_prompts": self.forget, "retain_prompts_count": len(self.retain), "anchor_prompts": sorted(set(self.anchors)),
@@ -422,7 +439,10 @@ class Trainer:
                      "sampler": evaluator.sampler.to_dict()},
             "zero_stage": cfg.zero_stage, "world_size": self.world, "mixed_precision": cfg.mixed_precision,
             "history": self.history, "notes": self.notes, "skipped_steps": self.skipped_steps,
-            "teacher": "shared" if shared else "copy",
+            "teacher": "adapters off" if cfg.lora.rank else "shared" if shared else "copy",
+            "lora": {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha or cfg.lora.rank,
+                     "trained_parameters": sum(p.numel() for p in self.student.parameters() if p.requires_grad)}
+            if cfg.lora.rank else None,
             "teacher_extra_bytes": (self.teacher.extra_bytes() if shared else
                                     sum(p.numel() * p.element_size() for p in self.teacher.parameters())),
             "unet_bytes": sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in self.student.parameters()),
@@ -447,6 +467,11 @@ class Trainer:
         from fastunlearn.evaluate import comparison_rows, save_comparison_grid, with_unet
 
         tmp = self.folder.tmp_dir()  # everything is written here first, then moved into place
+        if self.cfg.lora.rank:  # the adapter (pipe.load_lora_weights(dir)), then the pipeline with it merged
+            from fastunlearn.models import merge_lora, save_lora
+
+            save_lora(self.pipe, unet, tmp)
+            unet = merge_lora(unet)
         with_unet(self.pipe, unet).save_pretrained(str(tmp), safe_serialization=True)
         rows = comparison_rows(evaluator, t_imgs, s_imgs, self.cfg.eval.grid_seeds)
         title = f"{self.cfg.method}: original vs unlearned, same seeds"
