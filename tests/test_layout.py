@@ -51,8 +51,8 @@ def test_train_and_evaluate_run_as_modules_and_console_scripts():
 
     scripts = {e.name: e.value for e in entry_points(group="console_scripts") if e.name.startswith("fastunlearn-")}
     assert scripts == {"fastunlearn-train": "fastunlearn.train:main", "fastunlearn-evaluate": "fastunlearn.evaluate:main",
-                       "fastunlearn-digits": "fastunlearn.worlds.digits:main"}
-    for module in ("fastunlearn.train", "fastunlearn.evaluate", "fastunlearn.worlds.digits"):
+                       "fastunlearn-digits": "fastunlearn.worlds.digits:main", "fastunlearn-attack": "fastunlearn.attack:main"}
+    for module in ("fastunlearn.train", "fastunlearn.evaluate", "fastunlearn.worlds.digits", "fastunlearn.attack"):
         proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=300,
                               cwd="/")
         assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-3000:]
