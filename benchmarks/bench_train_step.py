@@ -4,6 +4,7 @@
     python benchmarks/bench_train_step.py --arch tiny-sd                    # CPU smoke (CI), seconds
     python benchmarks/bench_train_step.py --arch sdxl --resolution 1024 --batch 1 --precision bf16 \\
         --grad-ckpt on --zero 2 --params full,attn2                          # one GPU
+    python benchmarks/bench_train_step.py --arch sd15 --resolution 128 --params attn2 --lora 0,4,16,64
 
 Real SD 1.5 / SDXL UNets are built from configs/arch/*.json with random weights (time and memory do
 not depend on the weights). A step of Saddle or OVW is exactly what the trainer runs: one batched
@@ -15,7 +16,9 @@ Each configuration runs in a fresh subprocess so its peak memory is its own: CUD
 max_memory_allocated (everything: weights, teacher, optimizer states, activations) on the GPU,
 the process's peak RSS (VmHWM, including ~0.5 GB of libraries) on the CPU. `teacher_extra_mb` is
 the exact size of what the teacher holds beyond the student (a full copy, or only the original
-values of the trained subset when shared). Rows go to benchmarks/results/train_step.csv.
+values of the trained subset when shared; 0 for LoRA, whose teacher is the student with its adapters
+off). LoRA rows are labelled `<params>+lora<rank>`, and their fine-tuning baseline trains the same
+adapter. Rows go to benchmarks/results/train_step.csv.
 """
 from __future__ import annotations
 
@@ -85,7 +88,7 @@ def run_one(spec: dict) -> dict:
     from fastunlearn.config import TrainConfig
     from fastunlearn.engine import StepGuard, deepspeed_config, init_distributed, unet_call
     from fastunlearn.methods import Step, make_method
-    from fastunlearn.models import SharedTeacher, param_subset
+    from fastunlearn.models import AdapterTeacher, SharedTeacher, add_lora, param_subset
 
     device, _, world = init_distributed()
     dev = device.type
@@ -95,12 +98,15 @@ def run_one(spec: dict) -> dict:
     unet = build_unet(spec["arch"], device).to(dtype)
     if spec["attention"] == "xformers":
         unet.enable_xformers_memory_efficient_attention()
-    trained = set(param_subset(unet, spec["params"]))
+    rank, subset = spec.get("lora", 0), spec["params"].split("+")[0]
+    trained = set(add_lora(unet, rank, None, None, subset) if rank else param_subset(unet, subset))
     for n, p in unet.named_parameters():
         p.requires_grad_(n in trained)
     teacher, extra = None, 0
     if spec["method"] != "finetune":
-        if spec["teacher"] == "shared":
+        if rank:  # the student with its adapters off: nothing extra
+            teacher = AdapterTeacher(unet)
+        elif spec["teacher"] == "shared":
             teacher = SharedTeacher(unet, trained)
             extra = teacher.extra_bytes()
         else:
@@ -110,7 +116,7 @@ def run_one(spec: dict) -> dict:
         unet.enable_gradient_checkpointing()
     unet.train()
     B = spec["batch"]
-    cfg = TrainConfig(method=spec["method"] if spec["method"] != "finetune" else "ovw", params=spec["params"],
+    cfg = TrainConfig(method=spec["method"] if spec["method"] != "finetune" else "ovw", params=subset,
                       zero_stage=spec["zero"], mixed_precision=spec["precision"], forget_batch_size=B,
                       retain_batch_size=B, gradient_checkpointing=spec["grad_ckpt"] == "on").validate()
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -184,6 +190,8 @@ def main() -> int:
     p.add_argument("--params", default="full", help="full,attn2,non-attn2")
     p.add_argument("--teacher", default="copy,shared", help="copy,shared (shared only applies to a parameter subset)")
     p.add_argument("--attention", default="sdpa", help="sdpa,xformers (xformers rows are skipped if it is not installed)")
+    p.add_argument("--lora", default="0", help="comma-separated LoRA ranks (0: train the weights themselves), e.g. 0,4,16,64; "
+                                              "LoRA rows train adapters on the attention projections of --params")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--csv", default=str(ROOT / "benchmarks" / "results" / "train_step.csv"))
@@ -204,17 +212,17 @@ def main() -> int:
     except ImportError:
         has_xformers = False
     specs = []
-    for method, zero, prec, gc_, params, attention in itertools.product(
+    for method, zero, prec, gc_, params, attention, rank in itertools.product(
             args.methods.split(","), map(int, args.zero.split(",")), precisions, args.grad_ckpt.split(","),
-            args.params.split(","), args.attention.split(",")):
-        if attention == "xformers" and not has_xformers:
+            args.params.split(","), args.attention.split(","), map(int, args.lora.split(","))):
+        if attention == "xformers" and not has_xformers or rank and zero == 3:
             continue
-        teachers = ["-"] if method == "finetune" else [t for t in args.teacher.split(",")
-                                                       if t == "copy" or (params != "full" and zero < 3)]
+        teachers = (["-"] if method == "finetune" else ["adapters off"] if rank else
+                    [t for t in args.teacher.split(",") if t == "copy" or (params != "full" and zero < 3)])
         for teacher in teachers:
             specs.append(dict(arch=args.arch, resolution=args.resolution or native, batch=args.batch, method=method,
-                              zero=zero, precision=prec, grad_ckpt=gc_, params=params, attention=attention,
-                              teacher=teacher, steps=args.steps, warmup=args.warmup))
+                              zero=zero, precision=prec, grad_ckpt=gc_, params=f"{params}+lora{rank}" if rank else params,
+                              lora=rank, attention=attention, teacher=teacher, steps=args.steps, warmup=args.warmup))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     results = []

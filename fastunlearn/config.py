@@ -80,6 +80,7 @@ class TrainConfig:
     deepspeed_config: str | None = None  # a DeepSpeed JSON; default: configs/ds_zero{zero_stage}.json
     mixed_precision: str = "no"      # no | bf16 | fp16
     gradient_checkpointing: bool = False
+    attention: str = "sdpa"          # sdpa (PyTorch scaled_dot_product_attention, diffusers' default) | xformers
     teacher: str = "auto"            # auto | copy | shared: shared = no second copy of frozen weights (params != full, ZeRO < 3)
     grad_clip: float = num(1.0, 0)  # 0: no clipping
     forget_samples_per_prompt: int = num(10, 1)  # data-free mode: teacher samples cached per forget prompt
@@ -102,6 +103,8 @@ class TrainConfig:
             raise FastUnlearnError(f"unknown forget_target {self.forget_target!r}; choose one of {', '.join(FORGET_TARGETS)}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise FastUnlearnError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.attention not in ("sdpa", "xformers"):
+            raise FastUnlearnError(f"attention must be sdpa or xformers, got {self.attention!r}")
         if self.teacher not in ("auto", "copy", "shared"):
             raise FastUnlearnError(f"teacher must be auto, copy or shared, got {self.teacher!r}")
         if self.teacher == "shared" and (self.params == "full" or self.zero_stage == 3):

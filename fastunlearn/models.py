@@ -299,3 +299,19 @@ def merge_lora(unet: torch.nn.Module) -> torch.nn.Module:
     unet.fuse_lora()
     unet.unload_lora()
     return unet
+
+
+def set_attention(unet: torch.nn.Module, kind: str) -> None:
+    """`sdpa`: diffusers' AttnProcessor2_0 (torch's scaled_dot_product_attention) on every attention layer;
+    `xformers`: xformers' memory-efficient attention (a one-line error if it is not installed)."""
+    if kind == "xformers":
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            raise FastUnlearnError("attention: xformers needs the xformers package (pip install 'fastunlearn[xformers]'), "
+                                   "or use attention: sdpa") from None
+        unet.enable_xformers_memory_efficient_attention()
+        return
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet.set_attn_processor(AttnProcessor2_0())

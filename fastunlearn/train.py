@@ -147,6 +147,7 @@ class Trainer:
             load_pipeline,
             param_subset,
             prompt_overflow,
+            set_attention,
         )
 
         cfg = self.cfg
@@ -163,6 +164,7 @@ class Trainer:
         # teacher: the original model, made before DeepSpeed sees the student. With a parameter subset it
         # shares every frozen weight with the student (SharedTeacher); else a frozen copy in the working dtype.
         self.student = self.pipe.unet
+        set_attention(self.student, cfg.attention)  # the trainer's and the sampler's UNet calls alike
         if cfg.lora.rank:  # LoRA: the teacher is the student with its adapters off, at no memory cost
             trained = set(add_lora(self.student, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules, cfg.params))
             self.teacher = AdapterTeacher(self.student)

@@ -1,5 +1,6 @@
 """LoRA unlearning (--lora-rank): the student trains PEFT adapters, the teacher is the same UNet with
-its adapters switched off, the adapter saves in the format diffusers' load_lora_weights reads."""
+its adapters switched off, the adapter saves in the format diffusers' load_lora_weights reads; and the
+attention choice that goes with it."""
 import json
 import subprocess
 import sys
@@ -88,6 +89,7 @@ def test_teacher_is_exactly_the_original_while_adapters_train(tiny_sd_path, prom
     with torch.no_grad():
         assert torch.equal(a.teacher(x, t, **kw).sample, original(x, t, **kw).sample)
         assert not torch.allclose(a.engine.module(x, t, **kw).sample, before)  # while the student moved
+    assert {type(p).__name__ for p in a.engine.module.attn_processors.values()} == {"AttnProcessor2_0"}  # attention: sdpa
     trained = {n for n, p in a.engine.module.named_parameters() if p.requires_grad}
     assert trained and all(".lora_" in n for n in trained)
     a.folder.release()
@@ -123,6 +125,7 @@ def test_resume_restores_the_adapter(tiny_sd_path, prompt_files, tmp_path, monke
     (["--zero-stage", "3"], "LoRA (lora.rank > 0) runs with ZeRO stages 0-2"),
     (["--set", "lora.target_modules=nothing_like_this"], "lora.target_modules"),
     (["--set", "teacher=copy"], "does not apply with LoRA"),
+    (["--set", "attention=xformers"], "attention: xformers needs the xformers package"),  # not installed here
 ])
 def test_lora_errors_are_one_line(extra, message, tiny_sd_path, prompt_files, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fastunlearn.train", *args(tiny_sd_path, prompt_files, tmp_path / "o"),
