@@ -12,8 +12,15 @@
 #   benchmarks/gpu_check.sh              # on the GPU machine
 #   benchmarks/gpu_check.sh --dry-run    # CPU-side rehearsal of every step (cpu backend, tiny sweeps)
 #   benchmarks/gpu_check.sh --prepare    # on the dev machine: fill .whl/ (ignored by git) to carry along
-#   benchmarks/gpu_check.sh --scale      # instead of 3-6: the whole-step and integrity benchmarks (issue 6),
-#                                        # SDXL 1024² / SD 1.5 512² on the GPU (~8 min); --scale --dry-run: tiny, CPU
+#   benchmarks/gpu_check.sh --scale      # only the whole-step and integrity parts (c, d below)
+#
+# In one call, in priority order so that a run cut off still leaves results (each part appends its CSV
+# rows as soon as it finishes, and gets at most the time left of an 8-minute budget, GPU_CHECK_BUDGET_S):
+#   (a) build, and conformance of the Triton and CUDA ops against the reference (fp32/bf16/fp16);
+#   (b) the fused ops' speed against eager PyTorch and torch.compile, with achieved bandwidth;
+#   (c) SDXL 1024² training steps: plain fine-tuning, Saddle full (ZeRO-2, bf16, gradient checkpointing),
+#       Saddle attn2 with the shared teacher, Saddle LoRA r=16 (adapters-off teacher), each with its ratio;
+#   (d) integrity, cached vs naive; then the LPIPS kernel sweep if time is left.
 set -uo pipefail
 
 MODE=gpu
@@ -32,6 +39,20 @@ cd "$ROOT"
 PY="${PYTHON:-python3}"
 START=$(date +%s)
 log() { echo "[gpu_check +$(( $(date +%s) - START ))s] $*"; }
+BUDGET="${GPU_CHECK_BUDGET_S:-480}"
+for arg in "$@"; do [ "$arg" = --dry-run ] && BUDGET="${GPU_CHECK_BUDGET_S:-1500}"; done  # the CPU rehearsal skips nothing
+# part NAME MIN MAX CMD...: run CMD under a timeout of min(MAX, time left - 15 s); skip it if that is below MIN
+part() {
+  local name=$1 min=$2 max=$3; shift 3
+  local left=$(( BUDGET - ($(date +%s) - START) - 15 ))
+  local t=$(( left < max ? left : max ))
+  if [ "$t" -lt "$min" ]; then log "SKIPPED $name: ${left}s left of the ${BUDGET}s budget"; return 0; fi
+  log "$name (at most ${t}s)"
+  timeout "$t" "$@"
+  local rc=$?
+  [ "$rc" -eq 0 ] || log "$name stopped early or failed (rc $rc)"
+  return "$rc"
+}
 
 if [ "$MODE" = prepare ]; then
   mkdir -p .whl
@@ -90,23 +111,27 @@ for mod in ("triton", "lpips", "ninja", "fastunlearn.kernels"):
 print(f"  nvcc: {shutil.which('nvcc')}, ninja binary: {shutil.which('ninja')}")
 EOF
 
-if [ "$SCALE" = 1 ]; then  # whole unlearning step vs plain fine-tuning, and cached vs naive integrity
+scale_parts() {  # (c) whole unlearning steps against plain fine-tuning, (d) cached vs naive integrity
+  local XL SD IN
   if [ "$MODE" = dry ]; then
-    XL=(--arch tiny-sdxl --steps 1 --warmup 0 --no-csv); SD=(--arch tiny-sd --steps 1 --warmup 0 --no-csv)
-    IN=(--pairs 2 --steps 2 --reps 1 --no-csv)
+    XL=(--arch tiny-sdxl --steps 1 --warmup 0 --no-csv); IN=(--pairs 2 --steps 2 --reps 1 --no-csv)
   else
-    XL=(--arch sdxl --resolution 1024 --batch 1 --steps 5 --warmup 2); SD=(--arch sd15 --resolution 512 --batch 2 --steps 5 --warmup 2)
-    IN=(--pairs 32 --steps 25 --reps 3)
+    XL=(--arch sdxl --resolution 1024 --batch 1 --steps 5 --warmup 2); IN=(--pairs 32 --steps 25 --reps 3)
   fi
-  log "SDXL step: bf16, gradient checkpointing, ZeRO-2, full and attn2 (teacher copy / shared)"
-  timeout 300 "$PY" benchmarks/bench_train_step.py "${XL[@]}" --precision bf16 --grad-ckpt on --zero 2 \
-    --methods finetune,saddle --params full,attn2 --teacher copy,shared 2>&1 | grep -v "^train-step" | tee "$OUT_DIR/train_step_sdxl.log" | tail -8
-  log "SD 1.5 step: bf16, ZeRO-2, checkpointing off/on, Saddle and OVW"
-  timeout 150 "$PY" benchmarks/bench_train_step.py "${SD[@]}" --precision bf16 --grad-ckpt off,on --zero 2 \
-    --methods finetune,saddle,ovw --params full 2>&1 | grep -v "^train-step" | tee "$OUT_DIR/train_step_sd15.log" | tail -14
-  log "integrity: cached vs naive"
-  timeout 100 "$PY" benchmarks/bench_integrity.py "${IN[@]}" 2>&1 | tail -3 | tee "$OUT_DIR/integrity.log"
+  local COMMON=(--precision bf16 --grad-ckpt on --zero 2)
+  part "(c1) SDXL step: fine-tuning vs Saddle full, teacher copy" 30 150 "$PY" benchmarks/bench_train_step.py "${XL[@]}" \
+    "${COMMON[@]}" --methods finetune,saddle --params full --teacher copy 2>&1 | grep -v "^train-step" | tee "$OUT_DIR/train_step_sdxl.log" | tail -4
+  part "(c2) SDXL step: Saddle attn2, shared teacher" 30 120 "$PY" benchmarks/bench_train_step.py "${XL[@]}" \
+    "${COMMON[@]}" --methods finetune,saddle --params attn2 --teacher shared 2>&1 | grep -v "^train-step" | tee -a "$OUT_DIR/train_step_sdxl.log" | tail -4
+  part "(c3) SDXL step: Saddle LoRA r=16, adapters-off teacher" 30 120 "$PY" benchmarks/bench_train_step.py "${XL[@]}" \
+    "${COMMON[@]}" --methods finetune,saddle --params full --lora 16 2>&1 | grep -v "^train-step" | tee -a "$OUT_DIR/train_step_sdxl.log" | tail -4
+  part "(d) integrity: cached vs naive" 20 90 "$PY" benchmarks/bench_integrity.py "${IN[@]}" 2>&1 | tail -3 | tee "$OUT_DIR/integrity.log"
   [ "$MODE" = gpu ] && cp -f benchmarks/results/*.csv "$OUT_DIR/" 2>/dev/null
+  return 0
+}
+
+if [ "$SCALE" = 1 ]; then
+  scale_parts
   log "done in $(( $(date +%s) - START ))s, results in $OUT_DIR"
   exit 0
 fi
@@ -120,12 +145,12 @@ if [ "$MODE" = gpu ]; then
   export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null || echo 9.0)}"
   export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
   log "building the C++ and CUDA ops (JIT, CUDA_HOME=${CUDA_HOME:-?}, arch $TORCH_CUDA_ARCH_LIST)"
-  if ! timeout 300 "$PY" -c "from fastunlearn import _ext; _ext.load(cuda=True); print('  ops from', _ext._state['source'])" \
-      2>&1 | tee "$OUT_DIR/build.log" | tail -3; then :; fi
+  part "(a) JIT build" 60 240 "$PY" -c "from fastunlearn import _ext; _ext.load(cuda=True); print('  ops from', _ext._state['source'])" \
+      2>&1 | tee "$OUT_DIR/build.log" | tail -3
   if ! "$PY" -c "from fastunlearn import _ext; _ext.load(cuda=True)" >/dev/null 2>&1; then
     log "JIT build failed (see build.log); trying setup.py build_ext --inplace"
-    FASTUNLEARN_BUILD_CUDA=1 FASTUNLEARN_BUILD_STRICT=1 timeout 300 "$PY" setup.py -q build_ext --inplace \
-      >"$OUT_DIR/build_setup.log" 2>&1 || log "setup.py build failed too (see build_setup.log)"
+    FASTUNLEARN_BUILD_CUDA=1 FASTUNLEARN_BUILD_STRICT=1 part "(a) setup.py build" 60 200 "$PY" setup.py -q build_ext --inplace \
+      >"$OUT_DIR/build_setup.log" 2>&1
     [ -d "$SHIM" ] && make_shim
   fi
   CHECK_ARGS=(--device cuda --backends triton,cuda)
@@ -141,24 +166,25 @@ else
   LPIPS_PROVIDERS=(--providers lpips_pkg,cpu)
 fi
 
-# 4. correctness and bandwidth -----------------------------------------------------------------
-log "checking kernels against the reference"
-timeout 240 "$PY" benchmarks/gpu_check.py "${CHECK_ARGS[@]}" --json "$OUT_DIR/gpu_check.json" >"$OUT_DIR/check.log" 2>&1
+# 4. (a) correctness, and copy bandwidth --------------------------------------------------------
+part "(a) kernels against the reference" 30 150 "$PY" benchmarks/gpu_check.py "${CHECK_ARGS[@]}" --json "$OUT_DIR/gpu_check.json" \
+  >"$OUT_DIR/check.log" 2>&1
 CHECK_RC=$?
+[ -f "$OUT_DIR/gpu_check.json" ] || CHECK_RC=1
 grep -E "^(FAIL|device)" "$OUT_DIR/check.log" | head -20
 tail -1 "$OUT_DIR/check.log"
 
-# 5. benchmarks (rows appended to benchmarks/results/*.csv, copied to $OUT) --------------------
-log "benchmark sweeps"
-timeout 150 "$PY" benchmarks/bench_noise_loss.py "${BENCH_ARGS[@]}" ${NOISE_PROVIDERS[@]+"${NOISE_PROVIDERS[@]}"} >"$OUT_DIR/bench_noise_loss.log" 2>&1 \
-  || log "bench_noise_loss stopped early (rc $?), see bench_noise_loss.log"
-timeout 170 "$PY" benchmarks/bench_lpips.py "${BENCH_ARGS[@]}" ${LPIPS_PROVIDERS[@]+"${LPIPS_PROVIDERS[@]}"} >"$OUT_DIR/bench_lpips.log" 2>&1 \
-  || log "bench_lpips stopped early (rc $?), see bench_lpips.log"
-log "acceptance ratios (interleaved)"
+# 5. (b) the fused ops' speed, (c, d) whole steps and integrity, then the LPIPS sweep -----------------
 CHECKS_CSV="$ROOT/benchmarks/results/checks.csv"
 if [ "$MODE" = dry ]; then RATIO_ARGS=(--device cpu --reps 3 --no-csv); else RATIO_ARGS=(--device cuda --reps 50); fi
-timeout 60 "$PY" benchmarks/bench_noise_loss.py --check "${RATIO_ARGS[@]}" 2>&1 | grep CHECK | tee "$OUT_DIR/ratios.log"
-timeout 60 "$PY" benchmarks/bench_lpips.py --check "${RATIO_ARGS[@]}" 2>&1 | grep CHECK | tee -a "$OUT_DIR/ratios.log"
+part "(b) acceptance ratios (interleaved)" 15 60 "$PY" benchmarks/bench_noise_loss.py --check "${RATIO_ARGS[@]}" 2>&1 | grep CHECK | tee "$OUT_DIR/ratios.log"
+part "(b) noise-loss sweep: eager, torch.compile, fused; bandwidth" 30 120 "$PY" benchmarks/bench_noise_loss.py "${BENCH_ARGS[@]}" \
+  ${NOISE_PROVIDERS[@]+"${NOISE_PROVIDERS[@]}"} >"$OUT_DIR/bench_noise_loss.log" 2>&1
+[ "$MODE" = gpu ] && cp -f benchmarks/results/*.csv "$OUT_DIR/" 2>/dev/null
+scale_parts
+part "LPIPS ratios" 15 45 "$PY" benchmarks/bench_lpips.py --check "${RATIO_ARGS[@]}" 2>&1 | grep CHECK | tee -a "$OUT_DIR/ratios.log"
+part "LPIPS sweep" 30 120 "$PY" benchmarks/bench_lpips.py "${BENCH_ARGS[@]}" ${LPIPS_PROVIDERS[@]+"${LPIPS_PROVIDERS[@]}"} \
+  >"$OUT_DIR/bench_lpips.log" 2>&1
 [ "$MODE" = gpu ] && cp -f benchmarks/results/*.csv "$OUT_DIR/" 2>/dev/null
 
 # 6. the short table, last -----------------------------------------------------------------------

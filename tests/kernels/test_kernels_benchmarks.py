@@ -41,6 +41,13 @@ def test_gpu_check_sh_syntax():
 
 @pytest.mark.slow
 def test_gpu_check_sh_dry_run():
-    proc = run(["bash", str(BENCH / "gpu_check.sh"), "--dry-run"], timeout=600, PYTHON=sys.executable)
+    """Every part of the one-call GPU check, in its order, on tiny shapes on the CPU; nothing skipped."""
+    proc = run(["bash", str(BENCH / "gpu_check.sh"), "--dry-run"], timeout=1200, PYTHON=sys.executable)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "checks passed" in proc.stdout and "CHECK noise_prediction_loss" in proc.stdout
+    parts = ["(a) kernels against the reference", "(b) acceptance ratios", "(b) noise-loss sweep", "(c1) SDXL step",
+             "(c2) SDXL step", "(c3) SDXL step: Saddle LoRA r=16", "(d) integrity", "LPIPS sweep"]
+    where = [proc.stdout.find(p) for p in parts]
+    assert all(w >= 0 for w in where) and where == sorted(where), proc.stdout[-3000:]
+    assert "SKIPPED" not in proc.stdout and "stopped early" not in proc.stdout, proc.stdout[-3000:]
+    assert "adapters off" in proc.stdout and "attn2" in proc.stdout
