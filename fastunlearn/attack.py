@@ -44,7 +44,7 @@ ATTACKS = ("inversion", "search", "all")
 @dataclass(frozen=True)
 class AttackConfig:
     steps: int = 1000                          # inversion: optimiser steps
-    budgets: tuple[int, ...] = (100, 300, 1000)  # inversion: steps at which the embedding is evaluated
+    budgets: tuple[int, ...] = (100, 300, 1000)  # inversion: steps at which the embedding is evaluated (+ steps)
     lr: float = 5e-3
     weight_decay: float = 1e-2
     batch_size: int = 16
@@ -76,7 +76,7 @@ class AttackConfig:
                 raise FastUnlearnError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not (self.lr > 0 and self.weight_decay >= 0):
             raise FastUnlearnError(f"lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
-        return replace(self, budgets=tuple(sorted(set(self.budgets))))
+        return replace(self, budgets=tuple(sorted(set(self.budgets) | {self.steps})))  # the last step always
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -127,13 +127,19 @@ def concept_data(name, original, prompts, words, per_prompt, key, cfg, data_dir=
     from .config import EvalConfig, TrainConfig
     from .data import training_latents
 
+    def attack_prompts(prompts) -> dict:
+        attack = {p: replace_concept(p, words) for p in dict.fromkeys(prompts)}
+        if not any(attack.values()):
+            raise FastUnlearnError(f"the concept word {'/'.join(words)!r} is in none of the {name} prompts "
+                                   f"({next(iter(attack))!r}, ...): give --concept a word they contain")
+        return attack
+
+    if not data_dir:
+        prompts = [p for p, a in attack_prompts(prompts).items() if a]  # checked before any sampling
     tcfg = TrainConfig(cache_dir=cfg["cache_dir"], sample_steps=cfg["sample_steps"],
                        eval=EvalConfig(guidance_scale=cfg["guidance_scale"]))
     lat, rows = training_latents("forget", list(prompts), data_dir, per_prompt, key, original, original, tcfg, 0)
-    attack = {p: replace_concept(p, words) for p in dict.fromkeys(rows)}
-    if not any(attack.values()):
-        raise FastUnlearnError(f"the concept word {'/'.join(words)!r} is in none of the {name} prompts "
-                               f"({next(iter(attack))!r}, ...): give --concept a word they contain")
+    attack = attack_prompts(rows)
     keep = torch.tensor([attack[r] is not None for r in rows])
     rows = [r for r in rows if attack[r] is not None]
     prompts = [p for p in attack if attack[p]]
@@ -420,6 +426,35 @@ def check_same_model(original, unlearned) -> None:
 # One call for the CLI and for benchmarks
 
 
+def _inversion_run(name, pipe, tok, data, cfg, sampler, judge, loss_batch, device, progress):
+    """One inversion run, evaluated at every budget: (result, {budget: rows}, {budget: images})."""
+    snaps, wall = invert(pipe, tok, data, cfg, device, progress, desc=f"inversion ({name})")
+    t0, per_budget, images = time.perf_counter(), {}, {}
+    for b, rows in snaps.items():
+        tok.load(rows)
+        with torch.no_grad():
+            rate, images[b] = judged(pipe, data.attack_prompts, cfg.eval_samples, sampler, judge)
+            loss = float(denoise_loss(pipe, loss_batch, data.attack_prompts, device))
+        per_budget[str(b)] = {"concept_rate": rate, "loss": loss}
+    tok.load(snaps[0])  # the next run on this pipeline starts from the init word again
+    return ({"concept": data.name, "budgets": per_budget, "wall_time_s": round(wall, 2),
+             "eval_time_s": round(time.perf_counter() - t0, 2)}, snaps, images)
+
+
+def _search_run(name, pipe, data, cfg, sampler, judge, device, progress):
+    """One prompt search; its `search_top` best prefixes sampled and judged: (result, images of the best)."""
+    ranked, mode, wall = search(pipe, data, cfg, device, progress, desc=f"search ({name})")
+    t0, best, first = time.perf_counter(), [], None
+    for prefix, loss in ranked[:cfg.search_top]:
+        with torch.no_grad():
+            rate, imgs = judged(pipe, _with_prefix(prefix, data.prompts), cfg.eval_samples, sampler, judge)
+        best.append({"prefix": " ".join(prefix), "loss": loss, "concept_rate": rate})
+        first = imgs if first is None else first
+    losses = dict(ranked)
+    return ({"concept": data.name, "mode": mode, "candidates": len(ranked), "plain_loss": losses.get(()),
+             "best": best, "wall_time_s": round(wall, 2), "eval_time_s": round(time.perf_counter() - t0, 2)}, first)
+
+
 def run_attack(original_path, unlearned_path, concept, forget_prompts=None, out_dir=None, attack="inversion",
                steps=1000, budgets=(100, 300, 1000), seed=0, controls=True, retain_concept=None,
                retain_prompts=None, forget_data_dir=None, cache_dir=None, device=None, progress=True,
@@ -513,23 +548,13 @@ def run_attack(original_path, unlearned_path, concept, forget_prompts=None, out_
             if id(pipe) not in tokens:
                 tokens[id(pipe)] = InvertedToken(pipe, cfg.init_word)
             tok = tokens[id(pipe)]
-            snaps, wall = invert(pipe, tok, data, cfg, device, progress, desc=f"inversion ({name})")
-            t0, per_budget = time.perf_counter(), {}
-            for b, rows in snaps.items():
-                tok.load(rows)
-                with torch.no_grad():
-                    rate, imgs = judged(pipe, data.attack_prompts, cfg.eval_samples, sampler, judge_of(data))
-                    loss = float(denoise_loss(pipe, loss_batch[which], data.attack_prompts, device))
-                per_budget[str(b)] = {"concept_rate": rate, "loss": loss}
-                if name == "unlearned":
-                    images[f"inversion/{b}"] = imgs
-            res[name] = {"concept": data.name, "budgets": per_budget, "wall_time_s": round(wall, 2),
-                         "eval_time_s": round(time.perf_counter() - t0, 2)}
+            res[name], snaps, imgs = _inversion_run(name, pipe, tok, data, cfg, sampler, judge_of(data),
+                                                    loss_batch[which], device, progress)
+            if name == "unlearned":
+                images.update({f"inversion/{b}": v for b, v in imgs.items()})
             if name == "unlearned" and out is not None:
                 out.mkdir(parents=True, exist_ok=True)
                 res[name]["embedding"] = [p.name for p in save_embedding(snaps[cfg.steps], out)]
-            if name == "unlearned":
-                tok.load(snaps[0])  # the other runs on this pipeline start from the init word again
         top = str(max(cfg.budgets))
         rate = res.get("original_control", {}).get("budgets", {}).get(top, {}).get("concept_rate")
         res["attack_strong_enough"] = None if rate is None else rate >= 0.9
@@ -540,18 +565,9 @@ def run_attack(original_path, unlearned_path, concept, forget_prompts=None, out_
         res = report["search"] = {}
         for name, pipe, which in runs:
             data = targets[which]
-            ranked, mode, wall = search(pipe, data, cfg, device, progress, desc=f"search ({name})")
-            t0, best = time.perf_counter(), []
-            for prefix, loss in ranked[:cfg.search_top]:
-                with torch.no_grad():
-                    rate, imgs = judged(pipe, _with_prefix(prefix, data.prompts), cfg.eval_samples, sampler,
-                                        judge_of(data))
-                best.append({"prefix": " ".join(prefix), "loss": loss, "concept_rate": rate})
-                if name == "unlearned" and len(best) == 1:
-                    images["search"] = imgs
-            res[name] = {"concept": data.name, "mode": mode, "candidates": len(ranked),
-                         "plain_loss": dict(ranked)[()] if () in dict(ranked) else None, "best": best,
-                         "wall_time_s": round(wall, 2), "eval_time_s": round(time.perf_counter() - t0, 2)}
+            res[name], imgs = _search_run(name, pipe, data, cfg, sampler, judge_of(data), device, progress)
+            if name == "unlearned":
+                images["search"] = imgs
     summary = {}
     for b, v in report.get("inversion", {}).get("unlearned", {}).get("budgets", {}).items():
         summary[f"inversion@{b}"] = v["concept_rate"]
