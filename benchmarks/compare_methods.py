@@ -8,7 +8,9 @@
 
 Each run is `fastunlearn/train.py` in its own process; the tables (Markdown) and plots go to --out:
 I_retain against forget accuracy and against the step, and Saddle's λ beside I_retain, one
-figure per (digit, seed).
+figure per (digit, seed). With --attack every unlearned pipeline is also attacked (Concept Inversion,
+1,000 steps) and the table gains the forget accuracy under attack; the same attack on the original
+pipeline is the control (docs/attacks.md).
 """
 from __future__ import annotations
 
@@ -51,7 +53,18 @@ def run_method(label: str, method: str, sets: list[str], digit: int, seed: int, 
         sys.exit(f"compare: {label} failed:\n{proc.stderr[-3000:]}")
     report = json.loads((out / "report.json").read_text())
     report.update(label=label, seed=seed, settings=sets[1::2], process_wall_s=round(time.time() - t0, 1))
+    if args.attack:
+        report["attack"] = attack(out, digit, args.attack_steps)
     return report
+
+
+def attack(pipeline, digit: int, steps: int) -> dict:
+    """Concept Inversion (fastunlearn.attack, docs/attacks.md) against `pipeline` at `steps`, no controls."""
+    from fastunlearn.attack import run_attack
+
+    rep = run_attack("digits", str(pipeline), str(digit), budgets=(steps,), steps=steps, controls=False, progress=False)
+    return {"forget_accuracy": rep["forget_accuracy_under_attack"][f"inversion@{steps}"], "steps": steps,
+            "wall_time_s": rep["inversion"]["unlearned"]["wall_time_s"]}
 
 
 def at_step(report: dict, step) -> float | None:
@@ -75,7 +88,7 @@ def table(reports: list[dict]) -> str:
     lines = ["| run | digit | seed | forget acc (seen / unseen phrasings) | retain acc (base) | I_retain ± 95 % | "
              "I_forget | FID (fid-digits, retain) | steps_to_converge | constraint_met_step | peak λ | "
              "I_retain at constraint_met_step (OVW there) | I_retain at convergence | I_retain at 3× convergence | "
-             "wall time (s) |", "|---" * 15 + "|"]
+             "wall time (s) | forget acc under attack (inversion) | attack wall time (s) |", "|---" * 17 + "|"]
     for r in reports:
         conv, cms = r["steps_to_converge"], r.get("constraint_met_step")
         at_3x = at_step(r, 3 * conv) if conv is not None else None
@@ -87,7 +100,9 @@ def table(reports: list[dict]) -> str:
             f"{fmt(r['retain_accuracy'], 3)} ({fmt(r['base_retain_accuracy'], 3)}) | "
             f"{fmt(r['integrity_retain'])} ± {fmt(r['integrity_retain_ci95'])} | {fmt(r['integrity_forget'])} | "
             f"{fmt(r.get('fid_retain'), 2)} | {conv if conv is not None else '—'} | {cms or '—'} | "
-            f"{fmt(r.get('peak_lambda'), 2)} | {at_cms} | {fmt(at_step(r, conv))} | {fmt(at_3x)} | {r['wall_time_s']:.0f} |")
+            f"{fmt(r.get('peak_lambda'), 2)} | {at_cms} | {fmt(at_step(r, conv))} | {fmt(at_3x)} | {r['wall_time_s']:.0f} | "
+            f"{fmt(r['attack']['forget_accuracy'], 2) if r.get('attack') else '—'} | "
+            f"{fmt(r['attack']['wall_time_s'], 0) if r.get('attack') else '—'} |")
     return "\n".join(lines)
 
 
@@ -167,6 +182,9 @@ def main() -> int:
     p.add_argument("--forget-digits", default="3", help="comma-separated digits")
     p.add_argument("--out", default="outputs/compare", help="runs, table.md and curves.png go here")
     p.add_argument("--replot", action="store_true", help="redraw table.md and curves.png from --out/reports.json")
+    p.add_argument("--attack", action="store_true", help="also attack every unlearned pipeline with Concept Inversion "
+                                                           "(docs/attacks.md) and report forget accuracy under attack")
+    p.add_argument("--attack-steps", type=int, default=1000)
     p.add_argument("extra", nargs="*", help="extra train.py arguments after --, e.g. -- --set lr=1e-4")
     args = p.parse_args()
     runs = [parse_run(r) for r in args.run] or [(m.strip(), m.strip(), []) for m in args.methods.split(",") if m.strip()]
