@@ -36,8 +36,33 @@ class EvalConfig:
     guidance_scale: float = num(4.0, 0)
     grid_seeds: int = num(4, 1)
     stop_when_forgotten: bool = False  # stop at the first evaluation where the forget criterion holds
-    forget_threshold: float = num(0.10, 0, 1)     # digits world: the forget criterion is forget_accuracy <= this
+    forget_threshold: float = num(0.10, 0, 1)     # the forget criterion: forget_accuracy (digits world) or,
+                                                  # without it, the judge's forget_rate <= this
     clip_model: str | None = None      # a local CLIP model folder (transformers) for CLIPScore; none: not computed
+    judge: Any = None                  # forget judge (fastunlearn.judges): none | digits | clip | classifier;
+                                       # default (unset): digits in the digits world, clip with clip_model, else
+                                       # none (Any, not str | None: so that "none" stays an explicit choice)
+    judge_margin: float = num(0.0, 0, 1)  # clip: shows the concept iff p(concept) > max p(contrast) + margin
+    judge_weights: str | None = None   # classifier: torchvision weights file (.safetensors or torch.save state dict)
+    judge_arch: str = "resnet50"       # classifier: torchvision architecture name
+    judge_classes: Any = None          # classifier: the concept's class index(es), e.g. 954 or "954,955"
+
+    def check(self, prefix: str = "") -> None:
+        """The forget judge's settings (fastunlearn.judges): one-line errors before anything is loaded."""
+        from .judges import JUDGES, parse_classes
+
+        if self.judge is not None and (not isinstance(self.judge, str) or self.judge not in JUDGES):
+            raise FastUnlearnError(f"unknown {prefix}judge {self.judge!r}; choose one of {', '.join(JUDGES)}")
+        if self.judge == "clip" and not self.clip_model:
+            raise FastUnlearnError(f"{prefix}judge clip needs a local CLIP model folder: --set {prefix}clip_model=DIR")
+        if self.judge == "classifier":
+            if not self.judge_weights:
+                raise FastUnlearnError(f"{prefix}judge classifier needs a weights file: --set {prefix}judge_weights=FILE")
+            if not parse_classes(self.judge_classes):
+                raise FastUnlearnError(f"{prefix}judge classifier needs the concept's class index(es): "
+                                       f"--set {prefix}judge_classes=954")
+        if self.judge_weights and not Path(self.judge_weights).is_file():
+            raise FastUnlearnError(f"{prefix}judge_weights {self.judge_weights} is not a file (classifier weights)")
 
     def due(self, step: int) -> bool:
         """Whether an in-training evaluation runs after optimiser step `step`."""

@@ -21,8 +21,9 @@ class Evaluator:
 
     def __init__(self, teacher_pipe, forget, retain, sampler: SamplerConfig, perceptual=None, classifier=None,
                  forget_label=None, retain_labels=None, real_retain=None, clip=None, retain_groups=None,
-                 group_key="prompt", trained_forget=None):
+                 group_key="prompt", trained_forget=None, judge=None, judge_contrast=()):
         self.teacher_pipe, self.sampler = teacher_pipe, sampler
+        self.judge, self.judge_contrast = judge, list(judge_contrast)  # a fastunlearn.judges.Judge; extra contrasts
         self.forget, self.retain = forget, retain  # (prompts, seeds)
         self.retain_groups, self.group_key = retain_groups, group_key
         self.forget_seen = (torch.tensor([p in set(trained_forget) for p in forget[0]])
@@ -57,9 +58,33 @@ class Evaluator:
         groups = list(dict.fromkeys(self.retain_groups))
         return {str(g): round(float(values[[x == g for x in self.retain_groups]].float().mean()), 6) for g in groups}
 
+    def judged(self, forget_images, retain_images) -> dict:
+        """The judge's rates: `forget_rate`, the share of forget samples it says show their forget prompt's
+        concept; `retain_rate`, the share of retain samples it says show none of the forget prompts' concepts.
+        Contrast prompts: the retain prompts and `judge_contrast` (the anchors), never a forget prompt."""
+        forget_prompts = list(dict.fromkeys(self.forget[0]))
+        contrast = [q for q in dict.fromkeys([*self.retain[0], *self.judge_contrast]) if q not in set(forget_prompts)]
+        f = torch.zeros(len(self.forget[0]), dtype=torch.bool)
+        hit = torch.zeros(len(self.retain[0]), dtype=torch.bool)
+        for q in forget_prompts:
+            idx = [i for i, p in enumerate(self.forget[0]) if p == q]
+            f[idx] = self.judge.rates(forget_images[idx], q, contrast).cpu().bool()
+            hit |= self.judge.rates(retain_images, q, contrast).cpu().bool()
+        out = {"forget_rate": float(f.float().mean()) if len(f) else None,
+               "retain_rate": float((~hit).float().mean()) if len(hit) else None}
+        if self.forget_seen is not None:
+            for name, mask in (("seen", self.forget_seen), ("unseen", ~self.forget_seen)):
+                out[f"forget_rate_{name}"] = float(f[mask].float().mean()) if mask.any() else None
+        if self.retain_groups is not None and len(hit):
+            out[f"retain_rate_by_{self.group_key}"] = self.by_group(~hit)
+        return out
+
     def base(self) -> dict:
         imgs, _ = self.teacher()
         out = self.clip_scores(imgs, "base_")
+        if self.judge is not None:
+            rates = self.judged(imgs["forget"], imgs["retain"])
+            out.update(base_forget_rate=rates["forget_rate"], base_retain_rate=rates["retain_rate"])
         if self.classifier is None:
             return out
         acc = self.accuracy(imgs["forget"], imgs["retain"])
@@ -84,6 +109,8 @@ class Evaluator:
                     out[f"integrity_retain_by_{self.group_key}"] = self.by_group(res["values"])
         if self.classifier is not None:
             out.update(self.accuracy(s_imgs["forget"], s_imgs["retain"]))
+        if self.judge is not None:
+            out.update(self.judged(s_imgs["forget"], s_imgs["retain"]))
         if hasattr(self.perceptual, "embed"):
             out["fid_retain"] = frechet_distance(self.perceptual.embed(t_imgs["retain"]),
                                                  self.perceptual.embed(s_imgs["retain"]))
@@ -143,17 +170,18 @@ def _compatible(a, b) -> None:
 
 
 def training_evaluator(e, teacher_pipe, forget, retain, final: bool, world=None, world_info=None, clip=None,
-                       note=lambda text: None) -> Evaluator:
+                       note=lambda text: None, judge=None, judge_contrast=()) -> Evaluator:
     """The evaluation sets of a training run (`e`: its EvalConfig). An embedded world's run uses the world's
     sets, perceptual network and judge; any other run cycles through its forget prompts and takes
     `retain_samples_per_prompt` seeds of each retain prompt, measured with LPIPS-alex when its backbone
-    is available (otherwise `note` says why integrity is not computed)."""
+    is available (otherwise `note` says why integrity is not computed). `judge` (fastunlearn.judges) adds
+    forget_rate/retain_rate, with `judge_contrast` (the anchors) among its contrast prompts."""
     sampler = SamplerConfig(e.num_inference_steps, e.guidance_scale)
     n_f = e.forget_samples if final else e.train_forget_samples
     n_r = e.retain_samples_per_prompt if final else e.train_retain_samples_per_prompt
     if world_info is not None:
-        return Evaluator(teacher_pipe, sampler=sampler, clip=clip, trained_forget=forget,
-                         **world.evaluation(world_info, n_f, n_r))
+        return Evaluator(teacher_pipe, sampler=sampler, clip=clip, trained_forget=forget, judge=judge,
+                         judge_contrast=judge_contrast, **world.evaluation(world_info, n_f, n_r))
     forget_set = ([forget[i % len(forget)] for i in range(n_f)], list(range(n_f)))
     retain_set = ([p for p in retain for _ in range(n_r)], [s for _ in retain for s in range(n_r)])
     note("FID (Inception) not computed: fastunlearn does not ship Inception-FID weights and does not "
@@ -170,7 +198,7 @@ def training_evaluator(e, teacher_pipe, forget, retain, final: bool, world=None,
         perceptual = None
         note(f"integrity not computed: {exc}")
     return Evaluator(teacher_pipe, forget_set, retain_set, sampler, perceptual, clip=clip, retain_groups=retain_set[0],
-                     trained_forget=forget)
+                     trained_forget=forget, judge=judge, judge_contrast=judge_contrast)
 
 
 def comparison_rows(evaluator: Evaluator, teacher_images: dict, student_images: dict, per_row: int) -> list:

@@ -253,9 +253,14 @@ class Trainer:
     def build_evaluator(self, final: bool):
         """The in-training (`final=False`, cheaper) or final evaluation sets (fastunlearn.evaluate)."""
         from fastunlearn.evaluate import training_evaluator
+        from fastunlearn.judges import make_judge
 
+        clip = self.clip_scorer()
+        if not hasattr(self, "_judge"):  # the forget judge (None: none, or the digits world's own classifier)
+            self._judge = make_judge(self.cfg.eval, self.world_info is not None, self.device, clip, self.note)
         return training_evaluator(self.cfg.eval, self.teacher_pipe(), self.forget, self.retain, final,
-                                  self.embedded_world, self.world_info, self.clip_scorer(), self.note)
+                                  self.embedded_world, self.world_info, clip, self.note, judge=self._judge,
+                                  judge_contrast=self.anchors)
 
     def note(self, text: str):
         if text not in self.notes:
@@ -290,6 +295,8 @@ class Trainer:
     def forgotten(self, metrics) -> bool:
         if "forget_accuracy" in metrics:
             return metrics["forget_accuracy"] <= self.cfg.eval.forget_threshold
+        if metrics.get("forget_rate") is not None:  # a forget judge (fastunlearn.judges) outside the digits world
+            return metrics["forget_rate"] <= self.cfg.eval.forget_threshold
         return False
 
     # ---- checkpoints -----------------------------------------------------------------------------
