@@ -83,7 +83,7 @@ class CLIPJudge(Judge):
 
         score = path_or_scorer if isinstance(path_or_scorer, CLIPScore) else CLIPScore(str(path_or_scorer), device)
         self.model, self.processor, self.device = score.model, score.processor, score.device
-        self.margin, self.neutral = float(margin), neutral
+        self.margin, self.neutral, self.batch_size = float(margin), neutral, 64
         self.name = f"clip ({score.name})"
 
     def prompts(self, concept_prompt, contrast_prompts) -> list[str]:
@@ -96,12 +96,15 @@ class CLIPJudge(Judge):
         """(N, len(prompts)) zero-shot probabilities (CLIP's logits_per_image, softmaxed over the prompts)."""
         from .metrics import CLIPScore
 
-        inputs = self.processor(text=list(prompts), images=[im.float().clamp(0, 1) for im in images],
-                                return_tensors="pt", padding=True, truncation=True, do_rescale=False)
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        img = CLIPScore._tensor(self.model.get_image_features(pixel_values=inputs["pixel_values"])).float()
-        txt = CLIPScore._tensor(self.model.get_text_features(input_ids=inputs["input_ids"],
-                                                             attention_mask=inputs.get("attention_mask"))).float()
+        text = self.processor(text=list(prompts), return_tensors="pt", padding=True, truncation=True)
+        txt = CLIPScore._tensor(self.model.get_text_features(
+            input_ids=text["input_ids"].to(self.device), attention_mask=text["attention_mask"].to(self.device))).float()
+        img = []
+        for i in range(0, len(images), self.batch_size):  # in chunks: a final evaluation can hold many images
+            pixels = self.processor(images=[im.float().clamp(0, 1) for im in images[i:i + self.batch_size]],
+                                    return_tensors="pt", do_rescale=False)["pixel_values"].to(self.device)
+            img.append(CLIPScore._tensor(self.model.get_image_features(pixel_values=pixels)).float())
+        img = torch.cat(img)
         img, txt = img / img.norm(dim=-1, keepdim=True), txt / txt.norm(dim=-1, keepdim=True)
         logits = self.model.logit_scale.exp().float() * img @ txt.T
         return logits.softmax(dim=-1).cpu()
@@ -166,10 +169,14 @@ class ClassifierJudge(Judge):
 
     @torch.no_grad()
     def predict(self, images) -> torch.Tensor:
-        x = torch.nn.functional.interpolate(images.float().clamp(0, 1).to(self.device), size=(self.size, self.size),
-                                            mode="bilinear", antialias=True, align_corners=False)
-        mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
-        return self.model((x - mean) / std).argmax(dim=1).cpu()
+        mean, std = (torch.tensor(v, device=self.device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+        out = []
+        for i in range(0, len(images), 64):  # in chunks: a final evaluation can hold many images
+            x = torch.nn.functional.interpolate(images[i:i + 64].float().clamp(0, 1).to(self.device),
+                                                size=(self.size, self.size), mode="bilinear", antialias=True,
+                                                align_corners=False)
+            out.append(self.model((x - mean) / std).argmax(dim=1).cpu())
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
     def rates(self, images, concept_prompt=None, contrast_prompts=()):
         if len(images) == 0:

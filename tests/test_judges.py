@@ -68,6 +68,8 @@ def test_clip_judge_probabilities_are_clips_zero_shot_softmax(clip_dir):
     with torch.no_grad():
         want = model(**inputs).logits_per_image.softmax(dim=-1)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    judge.batch_size = 3  # images in chunks: the same probabilities
+    torch.testing.assert_close(judge.probs(images, prompts), got, rtol=1e-5, atol=1e-6)
     rates = judge.rates(images, "a photo of cat", ["a photo of dog", "a car"])
     assert rates.dtype == torch.bool and rates.shape == (4,)
     assert torch.equal(rates, want[:, 0] > want[:, 1:].max(dim=1).values)
