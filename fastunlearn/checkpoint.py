@@ -99,15 +99,40 @@ def save(engine, ckpt_dir: Path, step: int, state: dict, keep: int, rank: int, w
         dist.barrier()
 
 
-def resume(engine, ckpt_dir: Path, rank: int, world: int, warn) -> tuple[str, dict] | None:
-    """Load the last complete checkpoint into `engine`: (its path, the run state saved with it), or None.
-    Partial checkpoints of a killed run are removed with a warning. Which checkpoint to load is decided
-    on rank 0 (every rank follows), and its files are scanned for pickled code first."""
+def resolve_checkpoint(ckpt_dir: Path, spec: str) -> str:
+    """The tag of the complete checkpoint `spec` names (a path, or a folder name in `ckpt_dir`), or a
+    one-line error when it is not a complete checkpoint of `ckpt_dir`."""
+    ckpt_dir = Path(ckpt_dir)
+    path = Path(spec).expanduser()
+    if not path.exists() and len(path.parts) == 1:
+        path = ckpt_dir / spec
+    complete = sorted((p.name for p in ckpt_dir.glob("step-*") if p.is_dir()), key=lambda n: int(n.split("-")[1])
+                      if n.split("-")[1].isdigit() else -1) if ckpt_dir.is_dir() else []
+    have = f"the complete ones in {ckpt_dir}: {', '.join(complete)}" if complete else f"{ckpt_dir} holds none"
+    if not path.is_dir():
+        raise FastUnlearnError(f"resume_from_checkpoint {spec}: no such checkpoint folder ({have})")
+    if path.resolve().parent != ckpt_dir.resolve():
+        raise FastUnlearnError(f"resume_from_checkpoint {spec} is not a checkpoint of this run's output_dir "
+                               f"({have}); a run resumes only from its own checkpoints")
+    if path.name.startswith(PARTIAL):
+        raise FastUnlearnError(f"resume_from_checkpoint {spec} is an incomplete checkpoint (its run was killed while "
+                               f"writing it); {have}")
+    if not (path.name.startswith("step-") and path.name[5:].isdigit() and any(path.rglob("*.pt"))):
+        raise FastUnlearnError(f"resume_from_checkpoint {spec} is not a complete checkpoint (no DeepSpeed "
+                               f"step-N folder with model states); {have}")
+    return path.name
+
+
+def resume(engine, ckpt_dir: Path, rank: int, world: int, warn, tag: str | None = None) -> tuple[str, dict] | None:
+    """Load the last complete checkpoint (or the complete checkpoint `tag`) into `engine`: (its path, the run
+    state saved with it), or None. Partial checkpoints of a killed run are removed with a warning. Which
+    checkpoint to load is decided on rank 0 (every rank follows), and its files are scanned for pickled code first."""
     import torch.distributed as dist
 
     from .engine import from_rank0
 
-    partial, tag = from_rank0((partial_checkpoints(ckpt_dir), latest_complete(ckpt_dir)) if rank == 0 else None)
+    partial, latest = from_rank0((partial_checkpoints(ckpt_dir), latest_complete(ckpt_dir)) if rank == 0 else None)
+    tag = tag or latest
     if partial:
         warn(f"ignoring incomplete checkpoint(s) {', '.join(p.name for p in partial)} left by an interrupted run")
         if world > 1:

@@ -21,6 +21,7 @@ from .settings import check_ranges, num
 METHODS = tuple(METHOD_CLASSES)
 PARAM_SUBSETS = ("full", "attn2", "non-attn2")
 FORGET_TARGETS = ("esd", "anchor", "noise")
+SAVE_FORMATS = ("pipeline", "unet", "trained")
 
 
 @dataclass
@@ -116,6 +117,11 @@ class TrainConfig:
     log_every: int = num(10, 1)
     max_nonfinite_steps: int = num(5, 1)     # steps in a row with a non-finite loss/gradient (each skipped) before the run stops
     cache_dir: str | None = None
+    report_to: str = "none"          # training curves: none | tensorboard | wandb (into output_dir/logs; rank 0)
+    save_format: str = "pipeline"    # pipeline (diffusers folder) | unet (unet/ only) | trained (unlearned.safetensors:
+                                     # the trained parameters only; fastunlearn.load_unlearned applies it)
+    resume_from_checkpoint: str | None = None  # None or "latest": the last complete checkpoint in output_dir (the
+                                               # default behaviour); a path: that checkpoint of output_dir/checkpoints
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -150,6 +156,20 @@ class TrainConfig:
             raise FastUnlearnError("output_dir is empty: give a folder with --output-dir")
         if not str(self.model).strip():
             raise FastUnlearnError("model is empty: give a diffusers folder, a cached hub id or 'digits' with --model")
+        from .tracking import check_available
+
+        check_available(self.report_to)
+        if self.save_format not in SAVE_FORMATS:
+            raise FastUnlearnError(f"save_format must be one of {', '.join(SAVE_FORMATS)}, got {self.save_format!r}")
+        if self.resume_from_checkpoint is not None and not str(self.resume_from_checkpoint).strip():
+            raise FastUnlearnError("resume_from_checkpoint is empty: give latest or a checkpoint folder")
+        if self.resume_from_checkpoint not in (None, "latest"):
+            if self.overwrite:
+                raise FastUnlearnError("resume_from_checkpoint continues the unfinished run in output_dir; it cannot "
+                                       "be combined with --overwrite (which starts over)")
+            from .checkpoint import resolve_checkpoint
+
+            resolve_checkpoint(Path(self.output_dir) / "checkpoints", self.resume_from_checkpoint)
         if self.eval.clip_model and not Path(self.eval.clip_model).is_dir():
             raise FastUnlearnError(f"eval.clip_model {self.eval.clip_model} is not a folder (a local CLIP model)")
         return self

@@ -39,7 +39,8 @@ LOCK = ".lock"
 INTERNAL = (PREVIOUS, MOVING, LOCK)
 # config keys that may differ between a run and its resumption
 RESUME_IGNORES = {"overwrite", "max_steps", "output_dir", "cache_dir", "log_every", "checkpoint_every",
-                  "keep_checkpoints", "max_nonfinite_steps", "eval"}
+                  "keep_checkpoints", "max_nonfinite_steps", "eval", "report_to", "save_format",
+                  "resume_from_checkpoint"}
 
 
 def check_output_path(out: Path, what: str = "output directory") -> None:

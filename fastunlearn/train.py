@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--max-steps", "optimiser steps", int)
     flag("--zero-stage", "DeepSpeed ZeRO stage 0-3", int)
     flag("--seed", "seed of data order, noise and timesteps", int)
+    flag("--report-to", "training curves (loss terms, lambda, lr, in-training evaluations) into output_dir/logs: "
+                        "tensorboard | wandb | none")
+    flag("--save-format", "what the output folder holds: pipeline (the whole diffusers pipeline) | unet (unet/ only) | "
+                          "trained (unlearned.safetensors: only the trained parameters, see fastunlearn.load_unlearned)")
+    flag("--resume-from-checkpoint", "latest (the last complete checkpoint in output_dir: what a rerun does anyway) or "
+                                     "a checkpoint folder of output_dir/checkpoints (step-N)")
     p.add_argument("--lora-rank", type=int, default=None, metavar="R",
                    help="train LoRA adapters of rank R (PEFT) instead of the weights; the teacher is the same UNet "
                         "with its adapters off (lora.rank; default: 0, no LoRA)")
@@ -81,17 +87,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other config key, dotted for sections, e.g. --set saddle.tau=0.1 --set lr=1e-4")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    g = p.add_argument_group("diffusers-style flags", "the flags of the diffusers training scripts, each an alias of "
+                                                      "the option named in its help (underscored or hyphenated)")
+    for name, (keys, aliased) in DIFFUSERS_FLAGS.items():
+        names = [name] + ([name.replace("_", "-")] if name.replace("_", "-") not in p._option_string_actions else [])
+        if keys == ("gradient_checkpointing",):
+            g.add_argument(*names, dest=f"alias_{name[2:]}", action="store_true", default=None,
+                           help=f"= {aliased}")
+        else:
+            g.add_argument(*names, dest=f"alias_{name[2:]}", default=None, help=f"= {aliased}",
+                           metavar=aliased.rsplit("=", 1)[1] if "=" in aliased else keys[0].upper())
     return p
+
+
+# diffusers' flag -> (the config keys it sets, the option it aliases)
+DIFFUSERS_FLAGS = {
+    "--pretrained_model_name_or_path": (("model",), "--model"),
+    "--learning_rate": (("lr",), "--set lr=LR"),
+    "--max_train_steps": (("max_steps",), "--max-steps"),
+    "--train_batch_size": (("forget_batch_size", "retain_batch_size"),
+                           "--set forget_batch_size=N --set retain_batch_size=N"),
+    "--gradient_accumulation_steps": (("gradient_accumulation_steps",), "--set gradient_accumulation_steps=N"),
+    "--mixed_precision": (("mixed_precision",), "--set mixed_precision=no|fp16|bf16"),
+    "--gradient_checkpointing": (("gradient_checkpointing",), "--set gradient_checkpointing=true"),
+    "--report_to": (("report_to",), "--report-to"),
+    "--resume_from_checkpoint": (("resume_from_checkpoint",), "--resume-from-checkpoint"),
+    "--checkpointing_steps": (("checkpoint_every",), "--set checkpoint_every=N"),
+    "--checkpoints_total_limit": (("keep_checkpoints",), "--set keep_checkpoints=N"),
+    "--output_dir": (("output_dir",), "--output-dir"),
+}
 
 
 def config_from_args(argv=None) -> TrainConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
-    for flag in ("model", "method", "params", "forget_prompts", "retain_prompts", "anchor_prompts", "forget_digit",
-                 "output_dir", "max_steps", "zero_stage", "seed"):
+    named = ("model", "method", "params", "forget_prompts", "retain_prompts", "anchor_prompts", "forget_digit",
+             "output_dir", "max_steps", "zero_stage", "seed", "report_to", "save_format", "resume_from_checkpoint")
+    for flag in named:
         if getattr(args, flag) is not None:
             setattr(cfg, flag, getattr(args, flag))
+    for name, (keys, aliased) in DIFFUSERS_FLAGS.items():  # diffusers-style aliases: as the option they alias
+        value = getattr(args, f"alias_{name[2:]}")
+        if value is None:
+            continue
+        primary = getattr(args, keys[0], None) if keys[0] in named else None
+        if primary is not None and str(primary) != str(value):
+            raise FastUnlearnError(f"{name} {value} and {aliased} {primary} disagree: give one of them")
+        for key in keys:
+            set_dotted(cfg, key, value)
     if args.lora_rank is not None:
         cfg.lora.rank = args.lora_rank
     if args.overwrite:
@@ -311,9 +355,14 @@ class Trainer:
 
     def maybe_resume(self) -> bool:
         """Continue from the last complete checkpoint in output_dir (weights, optimizer, method state,
-        step and so data order, RNG); partial ones from a killed run are ignored with a warning."""
-        found = checkpoint.resume(self.engine, self.out / "checkpoints", self.rank, self.world, self.warn)
+        step and so data order, RNG); partial ones from a killed run are ignored with a warning.
+        `resume_from_checkpoint` names another complete checkpoint of output_dir/checkpoints to continue from."""
+        spec, ckpt_dir = self.cfg.resume_from_checkpoint, self.out / "checkpoints"
+        tag = checkpoint.resolve_checkpoint(ckpt_dir, spec) if spec not in (None, "latest") else None
+        found = checkpoint.resume(self.engine, ckpt_dir, self.rank, self.world, self.warn, tag=tag)
         if found is None:
+            if spec == "latest":
+                self.warn(f"resume_from_checkpoint latest: no complete checkpoint in {ckpt_dir}; starting a new run")
             return False
         path, state = found
         self.step = state["step"]
@@ -327,6 +376,15 @@ class Trainer:
         if self.rank == 0:
             print(f"fastunlearn: resuming from {path} (step {self.step} of {self.cfg.max_steps})", file=sys.stderr)
         return True
+
+    @property
+    def tracker(self):
+        """Training curves (report_to, fastunlearn.tracking) into output_dir/logs, opened at the first value."""
+        if getattr(self, "_tracker", None) is None:
+            from fastunlearn.tracking import Tracker
+
+            self._tracker = Tracker(self.cfg.report_to, self.out / "logs", self.cfg.to_dict(), rank0=self.rank == 0)
+        return self._tracker
 
     def warn(self, msg: str):
         if self.rank == 0:
@@ -352,6 +410,7 @@ class Trainer:
             self.log("output folder ready")
             self._train()
         finally:
+            self.tracker.close()
             self.folder.release()
 
     def _train(self):
@@ -392,6 +451,7 @@ class Trainer:
             self.nonfinite_in_row = 0
             logs = {k: all_reduce(v) for k, v in logs.items()}
             self.method.after_step(logs, self.step)
+            self.tracker.log({**logs, "lr": group["lr"]}, self.step, "train/")
             bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k in ("loss", "lam", "probe", "G", "R")})
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 self.log(f"step {self.step} " + " ".join(f"{k}={v:.5g}" for k, v in logs.items()))
@@ -400,6 +460,7 @@ class Trainer:
                 self.history.append({"step": self.step, **metrics,
                                      **{k: logs[k] for k in ("lam", "lam_P", "lam_I", "gap", "probe") if k in logs}})
                 self.log(f"eval step {self.step} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+                self.tracker.log(metrics, self.step, "eval/")
                 if self.steps_to_converge is None and self.forgotten(metrics):
                     self.steps_to_converge = self.step
                     if cfg.eval.stop_when_forgotten:
@@ -474,14 +535,27 @@ class Trainer:
 
     def save_outputs(self, report, t_imgs, s_imgs, evaluator, unet):
         from fastunlearn.evaluate import comparison_rows, save_comparison_grid, with_unet
+        from fastunlearn.export import TRAINED_FILE, save_trained, trained_names
 
+        cfg = self.cfg
         tmp = self.folder.tmp_dir()  # everything is written here first, then moved into place
-        if self.cfg.lora.rank:  # the adapter (pipe.load_lora_weights(dir)), then the pipeline with it merged
+        names = trained_names(self.student, lora=bool(cfg.lora.rank))  # as named in the merged UNet
+        if cfg.lora.rank:  # the adapter (pipe.load_lora_weights(dir)), then the pipeline with it merged
             from fastunlearn.models import merge_lora, save_lora
 
             save_lora(self.pipe, unet, tmp)
             unet = merge_lora(unet)
-        with_unet(self.pipe, unet).save_pretrained(str(tmp), safe_serialization=True)
+        report["save_format"] = cfg.save_format
+        if cfg.save_format == "pipeline":
+            with_unet(self.pipe, unet).save_pretrained(str(tmp), safe_serialization=True)
+        elif cfg.save_format == "unet":
+            unet.save_pretrained(str(tmp / "unet"), safe_serialization=True)
+        else:  # only the trained parameters: fastunlearn.load_unlearned(base_pipeline, dir) applies them
+            save_trained(unet, names, tmp / TRAINED_FILE, {
+                "base_model": str(Path(cfg.model).resolve()) if Path(cfg.model).is_dir() else cfg.model,
+                "method": cfg.method, "params": cfg.params, "lora_rank": cfg.lora.rank,
+                "steps": self.step, "dtype": str(self.dtype).replace("torch.", "")})
+        self.tracker.log({k: v for k, v in self.history[-1].items() if k != "step"}, self.step, "eval/")
         rows = comparison_rows(evaluator, t_imgs, s_imgs, self.cfg.eval.grid_seeds)
         title = f"{self.cfg.method}: original vs unlearned, same seeds"
         if report.get("integrity_retain") is not None:
