@@ -467,6 +467,7 @@ def run_attack(original_path, unlearned_path, concept, forget_prompts=None, out_
     retain_prompts; the world's next class by default). options: any other AttackConfig field."""
     from . import worlds
     from .evaluate import save_comparison_grid
+    from .export import load_run
     from .models import fingerprint, load_pipeline
     from .outputs import check_output_path, strict_json
     from .sampling import SamplerConfig
@@ -480,7 +481,8 @@ def run_attack(original_path, unlearned_path, concept, forget_prompts=None, out_
     t_start = time.perf_counter()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     original = load_pipeline(str(original_path), cache_dir=cache_dir).to(device)
-    unlearned = load_pipeline(str(unlearned_path), cache_dir=cache_dir).to(device)
+    # a pipeline folder, or a --save-format unet|trained run applied to the original (fastunlearn.export)
+    unlearned = load_run(unlearned_path, base=str(original_path), cache_dir=cache_dir).to(device)
     check_same_model(original, unlearned)
     for pipe in (original, unlearned):  # gradients flow through the models to <c*> only
         for module in (pipe.unet, pipe.vae, *(enc for _, enc in encoders(pipe))):
