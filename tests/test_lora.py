@@ -37,7 +37,8 @@ def unet_inputs(unet, seed=0):
     return torch.randn(2, unet.config.in_channels, s, s, generator=g), torch.tensor([10, 700]), kw
 
 
-@pytest.mark.parametrize("method,fixture", [(m, "tiny_sd_path") for m in METHODS] + [("saddle", "tiny_sdxl_path")])
+@pytest.mark.parametrize("fixture", ["tiny_sd_path", "tiny_sdxl_path"])
+@pytest.mark.parametrize("method", METHODS)
 def test_every_method_trains_lora_and_saves_the_adapter(method, fixture, request, prompt_files, tmp_path, monkeypatch):
     monkeypatch.setenv("FASTUNLEARN_CACHE", str(tmp_path / "cache"))
     model = request.getfixturevalue(fixture)
