@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMALL  # noqa: F401  (base_args carries it)
 
 from fastunlearn.errors import FastUnlearnError
 
