@@ -11,21 +11,9 @@ from fastunlearn.judges import ClassifierJudge, CLIPJudge, DigitsJudge, make_jud
 
 
 def _tiny_clip(path):
-    """A tiny random CLIP folder (model + processor + tokenizer), as tests/test_metrics.py builds it."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    from fastunlearn.testing import tiny_clip
 
-    from fastunlearn.worlds.tokenizer import build_clip_tokenizer
-
-    tok = build_clip_tokenizer(["a", "photo", "painting", "of", "cat", "dog", "car"], model_max_length=16)
-    cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                                      num_attention_heads=4, max_position_embeddings=16, bos_token_id=0, eos_token_id=1),
-                     vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                                        image_size=32, patch_size=8), projection_dim=16)
-    torch.manual_seed(0)
-    CLIPModel(cfg).save_pretrained(path)
-    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-                  tokenizer=tok).save_pretrained(path)
-    return path
+    return tiny_clip(path, ("a", "photo", "painting", "of", "cat", "dog", "car"))
 
 
 @pytest.fixture(scope="module")
