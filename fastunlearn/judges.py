@@ -206,7 +206,7 @@ def make_judge(e, in_world: bool, device="cpu", clip=None, note=lambda text: Non
                  "eval.judge=classifier with eval.judge_weights and eval.judge_classes)")
         return None
     if kind == "clip":
-        if not e.clip_model:
+        if not e.clip_model and clip is None:
             raise FastUnlearnError("eval.judge clip needs a local CLIP model folder: --set eval.clip_model=DIR")
         return CLIPJudge(clip if clip is not None else e.clip_model, e.judge_margin, device)
     return ClassifierJudge(e.judge_weights, e.judge_classes, e.judge_arch, device)

@@ -196,7 +196,7 @@ def test_bad_judge_settings_are_one_line_errors(tmp_path, clip_dir):
         (["eval.judge=classifier", f"eval.judge_weights={weights}"], "class index"),
         (["eval.judge=classifier", f"eval.judge_weights={tmp_path / 'none.pt'}", "eval.judge_classes=1"],
          "is not a file"),
-        (["eval.judge=clip"], "needs a local CLIP model folder"),
+        (["model=some/sd-folder", "eval.judge=clip"], "needs a local CLIP model folder"),
         ([f"eval.clip_model={tmp_path / 'noclip'}"], "is not a folder"),
         (["eval.judge_margin=1.5"], "judge_margin must be"),
     ]
@@ -204,6 +204,7 @@ def test_bad_judge_settings_are_one_line_errors(tmp_path, clip_dir):
         with pytest.raises(FastUnlearnError, match=match) as exc:
             _cfg(tmp_path, *sets)
         assert "\n" not in str(exc.value)
+    assert _cfg(tmp_path, "eval.judge=clip").eval.clip_model is None  # the digits world has its own CLIP
     cfg = _cfg(tmp_path, "eval.judge=classifier", f"eval.judge_weights={weights}", "eval.judge_classes=1,2",
                "eval.judge_arch=mobilenet_v3_small")
     assert isinstance(make_judge(cfg.eval, in_world=False), ClassifierJudge)

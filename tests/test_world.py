@@ -112,6 +112,37 @@ def test_base_world_draws_the_prompted_digit(digits_world):
 
 
 @pytest.mark.slow
+def test_digits_clip_reads_real_and_generated_digits(digits_world):
+    """The world's CLIP (built on first use): zero-shot accuracy >= 0.90 on the held-out real digits, recomputed
+    through the saved folder; on the base pipeline's samples the clip judge agrees with the digit classifier."""
+    from fastunlearn.judges import CLIPJudge
+    from fastunlearn.worlds.digits import World, digit_prompts, eval_pairs, heldout_split, load_digit_images
+    from fastunlearn.worlds.digits.clip import clip_problem, zero_shot_accuracy
+
+    folder = World(str(digits_world.path.parent)).clip_path()
+    assert clip_problem(folder) is None
+    info = json.loads((folder / "clip.json").read_text())
+    images, labels = load_digit_images()
+    held = heldout_split(len(labels), 0)[1]
+    acc = zero_shot_accuracy(folder, images[held], labels[held])
+    print(f"digits CLIP zero-shot accuracy on {len(held)} held-out real digits: {acc:.3f}")
+    assert acc >= 0.90 and acc == pytest.approx(info["zero_shot_heldout_accuracy"], abs=1e-6)
+    from fastunlearn.sampling import sample
+
+    prompts, seeds, truth = eval_pairs(range(10), 6)
+    imgs = sample(digits_world.pipeline, prompts, seeds, digits_world.sampler, batch_size=60, progress=False)
+    classifier = (digits_world.classifier.predict(imgs * 2 - 1) == torch.tensor(truth)).float()
+    judge = CLIPJudge(str(folder))
+    clip = torch.zeros(len(imgs))
+    for d in range(10):  # the judge's rule: the prompt's concept against every other digit's phrasings and ""
+        idx = [i for i, t in enumerate(truth) if t == d]
+        contrast = [q for k in range(10) if k != d for q in digit_prompts(k)] + [""]
+        clip[idx] = judge.rates(imgs[idx], digit_prompts(d)[0], contrast).float()
+    print(f"base samples: classifier {classifier.mean():.3f}, clip judge {clip.mean():.3f}")
+    assert abs(float(clip.mean() - classifier.mean())) <= 0.05
+
+
+@pytest.mark.slow
 def test_digits_main_job_writes_grid_and_json(digits_world, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "fastunlearn.worlds.digits", "--out", str(out), "--samples-per-digit", "4",

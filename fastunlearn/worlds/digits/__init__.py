@@ -48,6 +48,12 @@ class World:
     def pipeline_path(self) -> Path:
         return ensure_world(self.cache_dir) / "pipeline"
 
+    def clip_path(self) -> Path:
+        """The world's CLIP folder (transformers CLIPModel + CLIPProcessor), built on first use (.clip)."""
+        from .clip import ensure_clip
+
+        return ensure_clip(ensure_world(self.cache_dir))
+
     def prompts(self, forget, retain, cfg):
         """(forget, retain, info): defaults from `cfg.forget_digit`; info names the forgotten digit when
         every forget prompt names the same one (else None: no digit-level evaluation)."""

@@ -438,6 +438,9 @@ def main(argv=None) -> int:
     if args.rebuild:
         ensure_world(args.cache_dir, rebuild=True)
     world = load_world(args.cache_dir)
+    from .clip import ensure_clip
+
+    clip_info = json.loads((ensure_clip(world.path) / "clip.json").read_text())
     sampler = world.sampler
     sampler = SamplerConfig(args.steps or sampler.num_inference_steps,
                             sampler.guidance_scale if args.guidance_scale is None else args.guidance_scale)
@@ -451,9 +454,11 @@ def main(argv=None) -> int:
                           f"(guidance {sampler.guidance_scale}, {sampler.num_inference_steps} DDIM steps)")
     result = {"world": str(world.path), "accuracy": accuracy, "accuracy_per_digit": per_digit,
               "samples_per_digit": args.samples_per_digit, "sampler": sampler.to_dict(),
-              "classifier_heldout_accuracy": world.info["classifier_heldout_accuracy"]}
+              "classifier_heldout_accuracy": world.info["classifier_heldout_accuracy"],
+              "clip_zero_shot_heldout_accuracy": clip_info["zero_shot_heldout_accuracy"]}
     (out / "samples.json").write_text(json.dumps(result, indent=2))
-    print(f"classifier held-out accuracy: {result['classifier_heldout_accuracy']:.3f}")
+    print(f"classifier held-out accuracy: {result['classifier_heldout_accuracy']:.3f}; the world's CLIP, zero-shot: "
+          f"{result['clip_zero_shot_heldout_accuracy']:.3f}")
     print(f"base pipeline draws the prompted digit: {accuracy:.3f} "
           f"({args.samples_per_digit} samples per digit); per digit: "
           + " ".join(f"{d}:{a:.2f}" for d, a in per_digit.items()))
