@@ -458,13 +458,15 @@ def _search_run(name, pipe, data, cfg, sampler, judge, device, progress):
 def run_attack(original_path, unlearned_path, concept, forget_prompts=None, out_dir=None, attack="inversion",
                steps=1000, budgets=(100, 300, 1000), seed=0, controls=True, retain_concept=None,
                retain_prompts=None, forget_data_dir=None, cache_dir=None, device=None, progress=True,
-               **options) -> dict:
+               judge=None, **options) -> dict:
     """Attack `unlearned_path` to recover `concept` (a word of the forget prompts; "a,b" for alternatives) and
     return the report (also written to `out_dir` with grid.png and the embedding, when given).
 
     forget_prompts: list of prompts (default: the embedded world's prompts of the concept). attack: inversion |
     search | all. controls: also attack the original model and a retained concept (retain_concept +
-    retain_prompts; the world's next class by default). options: any other AttackConfig field."""
+    retain_prompts; the world's next class by default). judge: a forget judge (fastunlearn.judges: clip or
+    classifier) that scores the samples; default: the embedded world's classifier, else none (loss only).
+    options: any other AttackConfig field."""
     from . import worlds
     from .evaluate import save_comparison_grid
     from .export import load_run
@@ -488,7 +490,9 @@ def run_attack(original_path, unlearned_path, concept, forget_prompts=None, out_
         for module in (pipe.unet, pipe.vae, *(enc for _, enc in encoders(pipe))):
             module.requires_grad_(False)
     world = worlds.of_pipeline(str(original_path), cache_dir)
-    words, world_prompts, label, r_words, r_prompts, judge = world_concept(world, concept, cache_dir)
+    words, world_prompts, label, r_words, r_prompts, world_judge = world_concept(world, concept, cache_dir)
+    if judge is not None:  # a given judge replaces the world's classifier
+        world_judge = None
     words = words or [w.strip() for w in concept.split(",") if w.strip()]
     if not words:
         raise FastUnlearnError("--concept is empty: give the word that names the forgotten concept")
@@ -501,7 +505,7 @@ def run_attack(original_path, unlearned_path, concept, forget_prompts=None, out_
     else:
         r_label = None if r_words is None else (label + 1) % 10
     notes = []
-    if judge is None:
+    if judge is None and world_judge is None:
         notes.append("no judge for this model: concept rates are not measured, only the denoising loss "
                      "(lower = the attacked model denoises the original's samples of the concept better)")
     guidance = cfg.guidance_scale if cfg.guidance_scale is not None else (
@@ -521,13 +525,22 @@ def run_attack(original_path, unlearned_path, concept, forget_prompts=None, out_
         notes.append(f"{len(dropped)} forget prompt(s) without the concept word are not attacked: {dropped[:3]}")
 
     def judge_of(data):
-        return None if judge is None or data.label is None else (lambda imgs: judge(imgs, data.label))
+        """The judge of `data`'s samples: the world's classifier against its label; a given judge against
+        data's first plain prompt, with the other concept's prompts as contrasts (a classifier judge knows
+        only the forget concept's classes, so it judges the forget concept only)."""
+        if world_judge is not None:
+            return None if data.label is None else (lambda imgs: world_judge(imgs, data.label))
+        if judge is None or (data.name != "forget" and getattr(judge, "classes", None) is not None):
+            return None
+        other = [q for k, d in targets.items() if d is not data for q in d.prompts]
+        return lambda imgs: judge.rates(imgs, data.prompts[0], other)
 
     # the plain prompts: what each model draws without attack, and its loss
     loss_batch = {k: d.draw(cfg.loss_batch, torch.Generator().manual_seed(cfg.seed + 1), original.scheduler)
                   for k, d in targets.items()}
     report = {"original": str(original_path), "unlearned": str(unlearned_path), "concept": concept,
-              "concept_words": words, "judge": "digit classifier (digits world)" if judge else None,
+              "concept_words": words,
+              "judge": "digit classifier (digits world)" if world_judge else getattr(judge, "name", None),
               "attack": attack, "config": {**asdict(cfg), "guidance_scale": guidance, "token": TOKEN},
               "forget_prompts": targets["forget"].prompts, "attack_prompts": targets["forget"].attack_prompts,
               "notes": notes}
@@ -577,7 +590,7 @@ def run_attack(original_path, unlearned_path, concept, forget_prompts=None, out_
         rates = [x["concept_rate"] for x in report["search"]["unlearned"]["best"] if x["concept_rate"] is not None]
         summary["search"] = max(rates) if rates else None
     report["concept_rate_under_attack"] = summary
-    if judge is not None:  # the digits world: the concept rate is the forget accuracy
+    if world_judge is not None:  # the digits world: the concept rate is the forget accuracy
         report["forget_accuracy_under_attack"] = dict(summary)
     report["wall_time_s"] = round(time.perf_counter() - t_start, 2)
     if out is not None:
@@ -609,7 +622,9 @@ def _budgets(text: str) -> tuple[int, ...]:
 
 @cli_errors
 def main(argv=None) -> int:
+    from . import worlds
     from .config import read_prompts
+    from .judges import add_judge_args, judge_from_args
 
     d = AttackConfig()
     p = argparse.ArgumentParser(prog="python -m fastunlearn.attack", description=(
@@ -640,6 +655,8 @@ def main(argv=None) -> int:
                                                                            "(default: %(default)s)")
     p.add_argument("--search-k", type=int, default=d.search_k, help="prefix words (default: %(default)s)")
     p.add_argument("--guidance-scale", type=float, default=None, help="default: 4.0 (digits), 7.5 (others)")
+    p.add_argument("--clip-model", default=None, help="a local CLIP model folder for the clip judge")
+    add_judge_args(p, "--clip-model", "the samples")
     p.add_argument("--no-controls", action="store_true", help="skip the original-model and retained controls")
     p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -653,13 +670,14 @@ def main(argv=None) -> int:
     retain = [q for item in (args.retain_prompts or []) for q in read_prompts(item, "retain prompt")]
     if args.retain_concept and not retain:
         raise FastUnlearnError("--retain-concept needs --retain-prompts (prompts that name it)")
+    judge = judge_from_args(args, worlds.of_pipeline(args.original, args.cache_dir), args.device or "cpu")
     report = run_attack(args.original, args.unlearned, args.concept, forget or None, args.out, args.attack,
                         steps=steps, budgets=budgets, seed=args.seed, controls=not args.no_controls,
                         retain_concept=args.retain_concept, retain_prompts=retain or None,
                         forget_data_dir=args.forget_data_dir, cache_dir=args.cache_dir, device=args.device,
                         lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
                         init_word=args.init_word, eval_samples=args.eval_samples, search_k=args.search_k,
-                        guidance_scale=args.guidance_scale)
+                        guidance_scale=args.guidance_scale, judge=judge)
     for note in report["notes"]:
         print(f"note: {note}")
     rates = report["concept_rate_under_attack"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -47,6 +48,12 @@ class EvalConfig:
     judge_weights: str | None = None   # classifier: torchvision weights file (.safetensors or torch.save state dict)
     judge_arch: str = "resnet50"       # classifier: torchvision architecture name
     judge_classes: Any = None          # classifier: the concept's class index(es), e.g. 954 or "954,955"
+    fid: str = "none"                  # none | inception: Inception FID/KID (torchmetrics) of the retain images,
+                                       # student vs teacher (the digits world reports fid-digits regardless)
+    fid_weights: str | None = None     # inception: torch-fidelity's InceptionV3 weights file (--fid-weights);
+                                       # default: the torch hub cache, downloaded there when online
+    lpips_weights: str | None = None   # LPIPS-alex's torchvision alexnet weights file (--lpips-weights); default:
+                                       # the torch hub cache, downloaded there when online
 
     def check(self, prefix: str = "") -> None:
         """The forget judge's settings (fastunlearn.judges): one-line errors before anything is loaded."""
@@ -54,8 +61,6 @@ class EvalConfig:
 
         if self.judge is not None and (not isinstance(self.judge, str) or self.judge not in JUDGES):
             raise FastUnlearnError(f"unknown {prefix}judge {self.judge!r}; choose one of {', '.join(JUDGES)}")
-        if self.judge == "clip" and not self.clip_model:
-            raise FastUnlearnError(f"{prefix}judge clip needs a local CLIP model folder: --set {prefix}clip_model=DIR")
         if self.judge == "classifier":
             if not self.judge_weights:
                 raise FastUnlearnError(f"{prefix}judge classifier needs a weights file: --set {prefix}judge_weights=FILE")
@@ -64,6 +69,16 @@ class EvalConfig:
                                        f"--set {prefix}judge_classes=954")
         if self.judge_weights and not Path(self.judge_weights).is_file():
             raise FastUnlearnError(f"{prefix}judge_weights {self.judge_weights} is not a file (classifier weights)")
+        if self.fid not in ("none", "inception"):
+            raise FastUnlearnError(f"unknown {prefix}fid {self.fid!r}; choose none or inception")
+        if self.fid_weights is not None and self.fid != "inception":
+            raise FastUnlearnError(f"{prefix}fid_weights is given but {prefix}fid is {self.fid}: set "
+                                   f"{prefix}fid=inception (--fid-weights PATH sets both)")
+        for key, what in (("fid_weights", "torch-fidelity's InceptionV3 weights"),
+                          ("lpips_weights", "torchvision's alexnet weights for LPIPS")):
+            value = getattr(self, key)
+            if value is not None and not Path(str(value)).expanduser().is_file():
+                raise FastUnlearnError(f"{prefix}{key} {value} is not a file ({what})")
 
     def due(self, step: int) -> bool:
         """Whether an in-training evaluation runs after optimiser step `step`."""
@@ -84,7 +99,11 @@ class TrainConfig:
     model: str = "digits"
     method: str = "saddle"
     params: str = "full"
-    forget_prompts: Any = None       # list of prompts, or a path to a file with one prompt per line
+    forget_prompts: Any = None       # list of prompts, or a path to a file with one prompt per line (or with
+                                     # `concept: prompt` lines: several concepts, see forget_concepts)
+    forget_concepts: Any = None      # several concepts in one run: {name: prompts or a prompt file}; from the command
+                                     # line, --forget-prompts given more than once (one file per concept, named by
+                                     # its stem). Every report gives forget rate and I_forget per concept
     retain_prompts: Any = None
     anchor_prompts: Any = None       # one per forget prompt, or a single one for all
     forget_digit: int = num(3, 0, 9)            # digits world only, when forget_prompts is not given
@@ -170,9 +189,17 @@ class TrainConfig:
             from .checkpoint import resolve_checkpoint
 
             resolve_checkpoint(Path(self.output_dir) / "checkpoints", self.resume_from_checkpoint)
+        if self.eval.judge == "clip" and not self.eval.clip_model and not self.world_has_clip():
+            raise FastUnlearnError("eval.judge clip needs a local CLIP model folder: --set eval.clip_model=DIR")
         if self.eval.clip_model and not Path(self.eval.clip_model).is_dir():
             raise FastUnlearnError(f"eval.clip_model {self.eval.clip_model} is not a folder (a local CLIP model)")
         return self
+
+    def world_has_clip(self) -> bool:
+        """Whether the model is an embedded world with its own CLIP (the digits world: fastunlearn.worlds)."""
+        from . import worlds
+
+        return hasattr(worlds.get(self.model, self.cache_dir), "clip_path")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -265,6 +292,38 @@ def _exists(path: Path) -> bool:
         return path.exists()
     except (OSError, ValueError):
         return False
+
+
+CONCEPT_LINE = re.compile(r"^\s*([A-Za-z0-9_.-]+):\s+(\S.*)$")
+
+
+def read_concepts(forget_prompts, forget_concepts) -> dict[str, list[str]] | None:
+    """Several forget concepts, {name: prompts}, or None for a run with one concept. From `forget_concepts`
+    ({name: prompts or a file}), or from a forget prompt file whose every line reads `name: prompt` (name:
+    letters, digits, `_.-`)."""
+    if forget_concepts is not None:
+        if forget_prompts is not None:
+            raise FastUnlearnError("give forget_prompts or forget_concepts, not both")
+        if not isinstance(forget_concepts, dict) or not forget_concepts:
+            raise FastUnlearnError("forget_concepts must map concept names to prompts or prompt files")
+        out = {str(k): read_prompts(v, f"forget prompt (concept {k})") for k, v in forget_concepts.items()}
+    elif isinstance(forget_prompts, str) and Path(forget_prompts).suffix == ".txt" and Path(forget_prompts).is_file():
+        lines = [ln for ln in Path(forget_prompts).read_text().splitlines() if ln.strip()]
+        matches = [CONCEPT_LINE.match(ln) for ln in lines]
+        if not lines or not all(matches):
+            return None
+        out = {}
+        for m in matches:
+            out.setdefault(m.group(1), []).append(m.group(2).strip())
+    else:
+        return None
+    seen: dict[str, str] = {}
+    for name, prompts in out.items():
+        for q in prompts:
+            if q in seen and seen[q] != name:
+                raise FastUnlearnError(f"forget prompt {q!r} is in two concepts ({seen[q]} and {name})")
+            seen[q] = name
+    return out
 
 
 def read_prompts(value, what: str) -> list[str] | None:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import worlds
-from .config import TrainConfig, read_prompts
+from .config import TrainConfig, read_concepts, read_prompts
 from .errors import FastUnlearnError
 
 
@@ -83,9 +83,12 @@ def encode_latents(pipe, images: torch.Tensor, batch_size: int = 16) -> torch.Te
 
 
 def resolve_prompts(cfg: TrainConfig):
-    """(forget, retain, anchors, world info). An embedded world gives defaults (digits: from --forget-digit)
-    and its info about the run (None when the run is not one of the world's)."""
-    forget = read_prompts(cfg.forget_prompts, "forget prompt")
+    """(forget, retain, anchors, world info, concepts). An embedded world gives defaults (digits: from
+    --forget-digit) and its info about the run (None when the run is not one of the world's). `concepts`:
+    {name: forget prompts} of a run with several concepts (forget is then all their prompts), else None."""
+    concepts = read_concepts(cfg.forget_prompts, cfg.forget_concepts)
+    forget = ([q for prompts in concepts.values() for q in prompts] if concepts
+              else read_prompts(cfg.forget_prompts, "forget prompt"))
     retain = read_prompts(cfg.retain_prompts, "retain prompt")
     for which, folder in (("forget", cfg.forget_data_dir), ("retain", cfg.retain_data_dir)):
         if folder:
@@ -101,7 +104,7 @@ def resolve_prompts(cfg: TrainConfig):
     info = None
     world = worlds.get(cfg.model, cfg.cache_dir)
     if world is not None:
-        forget, retain, info = world.prompts(forget, retain, cfg)
+        forget, retain, info = world.prompts(forget, retain, cfg, concepts)
     if forget is None:
         raise FastUnlearnError(f"no forget prompts given for model {cfg.model!r}: use --forget-prompts FILE")
     retain = retain or []
@@ -115,7 +118,7 @@ def resolve_prompts(cfg: TrainConfig):
         anchors = anchors * len(forget)
     if len(anchors) != len(forget):
         raise FastUnlearnError(f"got {len(anchors)} anchor prompts for {len(forget)} forget prompts (give one, or one each)")
-    return forget, retain, anchors, info
+    return forget, retain, anchors, info, concepts
 
 
 def teacher_latents(pipe, prompts, per_prompt, steps, guidance, cache_key, cfg: TrainConfig, rank):

@@ -17,19 +17,24 @@ class Evaluator:
 
     `retain_groups` (one name per retain sample, e.g. its digit) adds I_retain and retain accuracy per
     group under `*_by_<group_key>`; `trained_forget` (the prompts the run trained on) splits forget
-    accuracy into the samples drawn from those prompts (`_seen`) and from the others (`_unseen`)."""
+    accuracy into the samples drawn from those prompts (`_seen`) and from the others (`_unseen`);
+    `forget_groups` (one concept name per forget sample, a run with several concepts) adds forget
+    accuracy, the judge's forget rate and I_forget per concept under `*_by_concept`."""
 
     def __init__(self, teacher_pipe, forget, retain, sampler: SamplerConfig, perceptual=None, classifier=None,
                  forget_label=None, retain_labels=None, real_retain=None, clip=None, retain_groups=None,
-                 group_key="prompt", trained_forget=None, judge=None, judge_contrast=()):
+                 group_key="prompt", trained_forget=None, judge=None, judge_contrast=(), fid=None,
+                 forget_groups=None):
         self.teacher_pipe, self.sampler = teacher_pipe, sampler
+        self.fid, self._fid_teacher = fid, None  # a metrics.InceptionFID (eval.fid inception); teacher features
         self.judge, self.judge_contrast = judge, list(judge_contrast)  # a fastunlearn.judges.Judge; extra contrasts
         self.forget, self.retain = forget, retain  # (prompts, seeds)
         self.retain_groups, self.group_key = retain_groups, group_key
+        self.forget_groups = list(forget_groups) if forget_groups is not None else None
         self.forget_seen = (torch.tensor([p in set(trained_forget) for p in forget[0]])
                             if trained_forget is not None else None)
         self.perceptual, self.classifier = perceptual, classifier
-        self.forget_label = forget_label
+        self.forget_label = (torch.tensor(forget_label) if isinstance(forget_label, (list, tuple)) else forget_label)
         self.retain_labels = torch.tensor(retain_labels) if retain_labels is not None else None
         self.real_retain = real_retain  # (N, 3, H, W) in [0, 1]: real images of the retain concepts, if any
         self.clip = clip  # a metrics.CLIPScore, or None
@@ -51,25 +56,30 @@ class Evaluator:
                 out[f"forget_accuracy_{name}"] = float(f[mask].mean()) if mask.any() else None
         if self.retain_groups is not None:
             out[f"retain_accuracy_by_{self.group_key}"] = self.by_group(r)
+        if self.forget_groups is not None:
+            out["forget_accuracy_by_concept"] = self.by_group(f, self.forget_groups)
         return out
 
-    def by_group(self, values: torch.Tensor) -> dict:
-        """Mean of per-retain-sample `values` for each retain group, in first-seen order."""
-        groups = list(dict.fromkeys(self.retain_groups))
-        return {str(g): round(float(values[[x == g for x in self.retain_groups]].float().mean()), 6) for g in groups}
+    def by_group(self, values: torch.Tensor, groups=None) -> dict:
+        """Mean of per-sample `values` for each group (default: the retain groups), in first-seen order."""
+        groups = self.retain_groups if groups is None else groups
+        return {str(g): round(float(values[[x == g for x in groups]].float().mean()), 6) for g in dict.fromkeys(groups)}
 
     def judged(self, forget_images, retain_images) -> dict:
         """The judge's rates: `forget_rate`, the share of forget samples it says show their forget prompt's
         concept; `retain_rate`, the share of retain samples it says show none of the forget prompts' concepts.
-        Contrast prompts: the retain prompts and `judge_contrast` (the anchors), never a forget prompt."""
+        Contrast prompts: the retain prompts and `judge_contrast` (the anchors), never a forget prompt of the
+        same concept (with several concepts, the other concepts' forget prompts are contrasts too)."""
         forget_prompts = list(dict.fromkeys(self.forget[0]))
+        concept = dict(zip(self.forget[0], self.forget_groups or [None] * len(self.forget[0])))
         contrast = [q for q in dict.fromkeys([*self.retain[0], *self.judge_contrast]) if q not in set(forget_prompts)]
         f = torch.zeros(len(self.forget[0]), dtype=torch.bool)
         hit = torch.zeros(len(self.retain[0]), dtype=torch.bool)
         for q in forget_prompts:
             idx = [i for i, p in enumerate(self.forget[0]) if p == q]
-            f[idx] = self.judge.rates(forget_images[idx], q, contrast).cpu().bool()
-            hit |= self.judge.rates(retain_images, q, contrast).cpu().bool()
+            others = [o for o in forget_prompts if concept[o] != concept[q]]
+            f[idx] = self.judge.rates(forget_images[idx], q, contrast + others).cpu().bool()
+            hit |= self.judge.rates(retain_images, q, contrast + others).cpu().bool()
         out = {"forget_rate": float(f.float().mean()) if len(f) else None,
                "retain_rate": float((~hit).float().mean()) if len(hit) else None}
         if self.forget_seen is not None:
@@ -77,6 +87,8 @@ class Evaluator:
                 out[f"forget_rate_{name}"] = float(f[mask].float().mean()) if mask.any() else None
         if self.retain_groups is not None and len(hit):
             out[f"retain_rate_by_{self.group_key}"] = self.by_group(~hit)
+        if self.forget_groups is not None and len(f):
+            out["forget_rate_by_concept"] = self.by_group(f, self.forget_groups)
         return out
 
     def base(self) -> dict:
@@ -85,10 +97,14 @@ class Evaluator:
         if self.judge is not None:
             rates = self.judged(imgs["forget"], imgs["retain"])
             out.update(base_forget_rate=rates["forget_rate"], base_retain_rate=rates["retain_rate"])
+            if "forget_rate_by_concept" in rates:
+                out["base_forget_rate_by_concept"] = rates["forget_rate_by_concept"]
         if self.classifier is None:
             return out
         acc = self.accuracy(imgs["forget"], imgs["retain"])
         out.update(base_forget_accuracy=acc["forget_accuracy"], base_retain_accuracy=acc["retain_accuracy"])
+        if "forget_accuracy_by_concept" in acc:
+            out["base_forget_accuracy_by_concept"] = acc["forget_accuracy_by_concept"]
         if self.real_retain is not None and hasattr(self.perceptual, "embed"):  # scale: the teacher against real data
             out["fid_teacher_vs_real"] = frechet_distance(self.perceptual.embed(self.real_retain),
                                                           self.perceptual.embed(imgs["retain"]))
@@ -107,6 +123,8 @@ class Evaluator:
                 out[f"integrity_{k}"], out[f"integrity_{k}_ci95"] = res["mean"], res["ci95"]
                 if k == "retain" and self.retain_groups is not None:
                     out[f"integrity_retain_by_{self.group_key}"] = self.by_group(res["values"])
+                if k == "forget" and self.forget_groups is not None:
+                    out["integrity_forget_by_concept"] = self.by_group(res["values"], self.forget_groups)
         if self.classifier is not None:
             out.update(self.accuracy(s_imgs["forget"], s_imgs["retain"]))
         if self.judge is not None:
@@ -115,6 +133,12 @@ class Evaluator:
             out["fid_retain"] = frechet_distance(self.perceptual.embed(t_imgs["retain"]),
                                                  self.perceptual.embed(s_imgs["retain"]))
             out["fid_network"] = "fid-digits"
+        elif self.fid is not None and min(len(t_imgs["retain"]), len(s_imgs["retain"])) >= 2:
+            if self._fid_teacher is None:
+                self._fid_teacher = self.fid.embed(t_imgs["retain"])
+            res = self.fid.compare(t_imgs["retain"], s_imgs["retain"], self._fid_teacher)
+            out.update(fid_retain=res["fid"], kid_retain=res["kid"], kid_retain_std=res["kid_std"],
+                       fid_network=self.fid.name)
         out.update(self.clip_scores(s_imgs))
         return out, s_imgs
 
@@ -169,13 +193,39 @@ def _compatible(a, b) -> None:
                                "their images are not comparable")
 
 
+def training_metrics(e, teacher_pipe, world_info=None, note=lambda text: None) -> dict:
+    """The networks behind a training run's integrity and FID (`e`: its EvalConfig), built when the run starts
+    so that a missing weights file fails it in one line before training, never after. An embedded world's run
+    uses the world's own (`{}`); any other run gets `perceptual`: LPIPS-alex (`e.lpips_weights`, else the torch
+    hub cache, downloaded there when online), None with a note for images under 32 px, and `fid`: an
+    InceptionFID when `e.fid` is inception (`e.fid_weights` likewise)."""
+    from .metrics import LPIPS, InceptionFID
+
+    if world_info is not None:
+        if e.fid == "inception":
+            note("eval.fid inception not used in an embedded world: it reports its own fid-digits")
+        return {}
+    size = teacher_pipe.unet.config.sample_size * teacher_pipe.vae_scale_factor
+    if size < 32:
+        perceptual = None
+        note(f"integrity not computed: {size} px images are too small for LPIPS-alex")
+    else:
+        perceptual = LPIPS("alex", backbone_weights=e.lpips_weights)
+    if e.fid == "inception":
+        return {"perceptual": perceptual, "fid": InceptionFID(e.fid_weights)}
+    note("FID (Inception) not computed: not asked for (eval.fid: inception, or --fid-weights PATH); "
+         "fid-digits exists only in the digits world")
+    return {"perceptual": perceptual, "fid": None}
+
+
 def training_evaluator(e, teacher_pipe, forget, retain, final: bool, world=None, world_info=None, clip=None,
-                       note=lambda text: None, judge=None, judge_contrast=()) -> Evaluator:
+                       note=lambda text: None, judge=None, judge_contrast=(), metrics=None, concepts=None) -> Evaluator:
     """The evaluation sets of a training run (`e`: its EvalConfig). An embedded world's run uses the world's
     sets, perceptual network and judge; any other run cycles through its forget prompts and takes
-    `retain_samples_per_prompt` seeds of each retain prompt, measured with LPIPS-alex when its backbone
-    is available (otherwise `note` says why integrity is not computed). `judge` (fastunlearn.judges) adds
-    forget_rate/retain_rate, with `judge_contrast` (the anchors) among its contrast prompts."""
+    `retain_samples_per_prompt` seeds of each retain prompt, measured with `metrics` (`training_metrics`: LPIPS-alex,
+    and Inception FID/KID with eval.fid inception; built here when not given). `judge` (fastunlearn.judges) adds
+    forget_rate/retain_rate, with `judge_contrast` (the anchors) among its contrast prompts. `concepts`
+    ({name: forget prompts}, several concepts) adds the per-concept figures."""
     sampler = SamplerConfig(e.num_inference_steps, e.guidance_scale)
     n_f = e.forget_samples if final else e.train_forget_samples
     n_r = e.retain_samples_per_prompt if final else e.train_retain_samples_per_prompt
@@ -184,21 +234,16 @@ def training_evaluator(e, teacher_pipe, forget, retain, final: bool, world=None,
                          judge_contrast=judge_contrast, **world.evaluation(world_info, n_f, n_r))
     forget_set = ([forget[i % len(forget)] for i in range(n_f)], list(range(n_f)))
     retain_set = ([p for p in retain for _ in range(n_r)], [s for _ in retain for s in range(n_r)])
-    note("FID (Inception) not computed: fastunlearn does not ship Inception-FID weights and does not "
-         "download them; fid-digits exists only in the digits world")
-    from .errors import FastUnlearnError
-    from .metrics import LPIPS
-
-    try:
-        size = teacher_pipe.unet.config.sample_size * teacher_pipe.vae_scale_factor
-        if size < 32:
-            raise FastUnlearnError(f"{size} px images are too small for LPIPS-alex")
-        perceptual = LPIPS("alex")
-    except FastUnlearnError as exc:
-        perceptual = None
-        note(f"integrity not computed: {exc}")
-    return Evaluator(teacher_pipe, forget_set, retain_set, sampler, perceptual, clip=clip, retain_groups=retain_set[0],
-                     trained_forget=forget, judge=judge, judge_contrast=judge_contrast)
+    metrics = metrics if metrics is not None else training_metrics(e, teacher_pipe, world_info, note)
+    if metrics.get("fid") is not None and len(retain_set[0]) < 2:
+        note("FID (Inception) not computed: it needs at least 2 retain samples")
+    groups = None
+    if concepts:
+        name = {q: c for c, prompts in concepts.items() for q in prompts}
+        groups = [name[q] for q in forget_set[0]]
+    return Evaluator(teacher_pipe, forget_set, retain_set, sampler, metrics.get("perceptual"), clip=clip,
+                     retain_groups=retain_set[0], trained_forget=forget, judge=judge, judge_contrast=judge_contrast,
+                     fid=metrics.get("fid"), forget_groups=groups)
 
 
 def comparison_rows(evaluator: Evaluator, teacher_images: dict, student_images: dict, per_row: int) -> list:
@@ -262,6 +307,7 @@ def main(argv=None) -> int:
     from . import worlds
     from .errors import FastUnlearnError, cli_errors
     from .export import load_run
+    from .judges import add_judge_args, judge_from_args
     from .metrics import LPIPS, integrity, mean_ci95
     from .models import load_pipeline
     from .sampling import SamplerConfig
@@ -288,9 +334,15 @@ def main(argv=None) -> int:
         p.add_argument("--guidance-scale", type=float, default=None, help="default: 4.0 (digits), 7.5 (others)")
         p.add_argument("--perceptual", default=None, help="alex | vgg | squeeze | digits (default: digits for the "
                                                            "digits world, else alex)")
-        p.add_argument("--backbone-weights", default=None, help="torchvision backbone weights file for LPIPS")
+        p.add_argument("--backbone-weights", "--lpips-weights", default=None, metavar="PATH",
+                       help="torchvision backbone weights file for LPIPS (default: the torch hub cache, downloaded "
+                            "there when online)")
+        p.add_argument("--fid-weights", default=None, metavar="PATH",
+                       help="torch-fidelity's InceptionV3 weights file: also report Inception FID/KID of the retain "
+                            "images, unlearned vs original (default: not computed)")
         p.add_argument("--clip-model", default=None, help="a local CLIP model folder for CLIPScore (default: none, "
                                                           "not computed)")
+        add_judge_args(p, "--clip-model", "the forget and retain samples (forget_rate, retain_rate)")
         p.add_argument("--out", default="outputs/evaluate", help="output folder (default: %(default)s)")
         p.add_argument("--cache-dir", default=None, help="cache directory (default: $FASTUNLEARN_CACHE)")
         args = p.parse_args(argv)
@@ -319,6 +371,7 @@ def main(argv=None) -> int:
                 raise FastUnlearnError("give --prompts FILE (one prompt per line)")
             prompts = world.eval_prompts()
         judge = _world_judge(world, forget + prompts)
+        rater = judge_from_args(args, world)  # a forget judge (clip / classifier): forget_rate and retain_rate
         # what was kept: the prompts that are not of the forgotten concept (in a world: not of its label)
         forgotten = {judge[1][q] for q in forget if q in judge[1]} if judge else set()
         retain = [q for q in dict.fromkeys(prompts)
@@ -331,6 +384,11 @@ def main(argv=None) -> int:
             perceptual = (world if world is not None and world.name == kind else worlds.get(kind, args.cache_dir)).perceptual()
         else:
             perceptual = LPIPS(kind, backbone_weights=args.backbone_weights)
+        fid = None
+        if args.fid_weights is not None:  # built before any sampling: a bad file fails first
+            from .metrics import InceptionFID
+
+            fid = InceptionFID(args.fid_weights)
         clip = None
         if args.clip_model:
             from .metrics import CLIPScore
@@ -351,7 +409,15 @@ def main(argv=None) -> int:
         report = {"original": args.original, "unlearned": args.unlearned}
         if args.base:
             report["base"] = args.base
-        notes = ["FID (Inception) not computed: fastunlearn does not ship Inception-FID weights"]
+        notes = []
+        if fid is None:
+            notes.append("FID (Inception) not computed: no --fid-weights given")
+        elif len(at["retain"]) < 2:
+            notes.append("FID (Inception) not computed: it needs at least 2 retain samples")
+        else:
+            got = fid.compare(res["teacher_images"][at["retain"]], res["student_images"][at["retain"]])
+            report.update(fid_retain=got["fid"], kid_retain=got["kid"], kid_retain_std=got["kid_std"],
+                          fid_network=fid.name)
         for g in ("retain", "forget"):
             mean, half = mean_ci95(res["values"][at[g]]) if at[g] else (None, None)
             report[f"integrity_{g}"], report[f"integrity_{g}_ci95"] = mean, half
@@ -370,6 +436,15 @@ def main(argv=None) -> int:
                     report[f"{who}{g}_accuracy"] = (_judged(judge, [all_prompts[i] for i in at[g]], res[key][at[g]])
                                                     if at[g] else None)
             report["judge"] = f"{world.name} world classifier: the share of images drawn as their prompt's concept"
+        if rater is not None and forget:
+            by_prompt = lambda g: ([all_prompts[i] for i in at[g]], [s for _, _, s in (pairs[i] for i in at[g])])  # noqa: E731
+            rates = Evaluator(None, by_prompt("forget"), by_prompt("retain"), sampler, judge=rater)
+            for who, key in (("", "student_images"), ("base_", "teacher_images")):
+                got = rates.judged(res[key][at["forget"]], res[key][at["retain"]])
+                report[f"{who}forget_rate"], report[f"{who}retain_rate"] = got["forget_rate"], got["retain_rate"]
+            report["judge"] = rater.name
+        elif rater is not None:
+            notes.append("forget rate not measured: no forget prompts")
         if clip is not None:
             for who, key in (("original", "teacher_images"), ("unlearned", "student_images")):
                 report[f"clip_score_{who}"] = float(clip(res[key], all_prompts).mean())
@@ -389,7 +464,9 @@ def main(argv=None) -> int:
         summary = f"I_retain = {fmt('retain')}, I_forget = {fmt('forget')}"
         save_comparison_grid(out / "grid.png", rows, f"{summary} ({res['perceptual']})")
         accs = " ".join(f"{k}={report[k]:.4g}" for k in ("forget_accuracy", "retain_accuracy", "base_forget_accuracy",
-                                                         "base_retain_accuracy") if report.get(k) is not None)
+                                                         "base_retain_accuracy", "forget_rate", "retain_rate",
+                                                         "base_forget_rate", "base_retain_rate")
+                        if report.get(k) is not None)
         print(f"{summary} ({res['perceptual']}, {len(at['retain'])} retain + {len(at['forget'])} forget samples)"
               f"{'; ' + accs if accs else ''}; wrote {out}")
         return 0

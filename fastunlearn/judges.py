@@ -210,3 +210,39 @@ def make_judge(e, in_world: bool, device="cpu", clip=None, note=lambda text: Non
             raise FastUnlearnError("eval.judge clip needs a local CLIP model folder: --set eval.clip_model=DIR")
         return CLIPJudge(clip if clip is not None else e.clip_model, e.judge_margin, device)
     return ClassifierJudge(e.judge_weights, e.judge_classes, e.judge_arch, device)
+
+
+# ---- the commands' judge flags (python -m fastunlearn.attack / .evaluate) --------------------------------
+def add_judge_args(p, clip_flag: str, what: str) -> None:
+    """--judge, --judge-margin, --judge-weights, --judge-arch, --judge-classes; the CLIP folder is `clip_flag`."""
+    p.add_argument("--judge", default=None, choices=("none", "clip", "classifier"),
+                   help=f"forget judge scoring {what} (docs/metrics.md): clip ({clip_flag}; the digits world has its "
+                        "own) or classifier (--judge-weights, --judge-classes); default: the digits world's "
+                        f"classifier, clip with {clip_flag}, else none")
+    p.add_argument("--judge-margin", type=float, default=0.0, help="clip judge margin (default: %(default)s)")
+    p.add_argument("--judge-weights", default=None, help="classifier judge: torchvision weights file")
+    p.add_argument("--judge-arch", default="resnet50", help="classifier judge: architecture (default: %(default)s)")
+    p.add_argument("--judge-classes", default=None, help="classifier judge: the concept's class index(es), e.g. 954")
+
+
+def judge_from_args(args, world=None, device="cpu") -> Judge | None:
+    """The judge the flags of `add_judge_args` ask for (None: none asked; the digits world then uses its
+    classifier). `args.clip_model` is the CLIP folder; `world` (fastunlearn.worlds) may supply its own."""
+    if args.judge == "none" or not (args.judge or args.clip_model):
+        return None
+    from .config import EvalConfig
+
+    kind, clip_model = args.judge or "clip", args.clip_model
+    if kind == "clip" and not clip_model and hasattr(world, "clip_path"):
+        clip_model = str(world.clip_path())  # the digits world's own CLIP
+    if kind == "clip" and not clip_model:
+        raise FastUnlearnError("--judge clip needs a local CLIP model folder: --clip-model DIR")
+    if kind == "classifier" and not (args.judge_weights and args.judge_classes):
+        raise FastUnlearnError("--judge classifier needs --judge-weights FILE and --judge-classes N[,M]")
+    if clip_model and not Path(clip_model).is_dir():
+        raise FastUnlearnError(f"--clip-model {clip_model} is not a folder (a local CLIP model)")
+    if not 0 <= args.judge_margin <= 1:
+        raise FastUnlearnError(f"--judge-margin must be in [0, 1], got {args.judge_margin}")
+    e = EvalConfig(judge=kind, clip_model=clip_model, judge_margin=args.judge_margin,
+                   judge_weights=args.judge_weights, judge_arch=args.judge_arch, judge_classes=args.judge_classes)
+    return make_judge(e, in_world=False, device=device)

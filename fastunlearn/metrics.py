@@ -66,6 +66,93 @@ class DigitsPerceptual(torch.nn.Module):
 
 TORCHVISION_FILES = {"alex": ("alexnet", "alexnet-owt-7be5be79.pth"), "vgg": ("vgg16", "vgg16-397923af.pth"),
                       "squeeze": ("squeezenet1_1", "squeezenet1_1-b8a52dc0.pth")}
+TORCHVISION_URL = "https://download.pytorch.org/models/{}"
+# torch-fidelity's InceptionV3 (torch_fidelity.feature_extractor_inceptionv3.URL_INCEPTION_V3), used by torchmetrics
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+OFFLINE_VARS = ("FASTUNLEARN_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def offline() -> str | None:
+    """The environment variable that makes this process offline (set to 1/true/yes/on), or None."""
+    import os
+
+    return next((k for k in OFFLINE_VARS if os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")), None)
+
+
+def _download(url: str, dst: str, hash_prefix: str | None = None) -> None:
+    """Download `url` to `dst` (torch.hub's temp-file-then-rename), giving up on a silent network after 60 s."""
+    import socket
+
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(60)
+    try:
+        torch.hub.download_url_to_file(url, dst, hash_prefix=hash_prefix, progress=False)
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def weights_file(filename: str, url: str, what: str, path=None, flag: str = "", hash_prefix: str | None = None) -> str:
+    """The local file of a network's pretrained weights, the way torchvision and torch-fidelity find them:
+    `path` when given (it must exist); else `torch.hub.get_dir()/checkpoints/filename`, downloaded from `url`
+    when missing unless offline (FASTUNLEARN_OFFLINE, HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE set). When neither
+    works: a one-line FastUnlearnError naming the file and the command that fetches it."""
+    import os
+    import shlex
+
+    if path is not None and str(path).strip():
+        path = os.path.expanduser(str(path))
+        if not os.path.isfile(path):
+            raise FastUnlearnError(f"{what}: weights file {path} does not exist (expected {filename}, from {url})")
+        return path
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    cache = os.path.join(folder, filename)
+    if os.path.isfile(cache):
+        return cache
+    off = offline()
+    if off:
+        reason = f"offline ({off}={os.environ[off]})"
+    else:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            _download(url, cache, hash_prefix)
+        except Exception as exc:  # no network, a proxy, a full disk, a hash mismatch: say so in one line
+            reason = "its download failed: " + " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+        else:
+            if os.path.isfile(cache):
+                return cache
+            reason = "its download wrote nothing"
+    fetch = f"mkdir -p {shlex.quote(folder)} && curl -fL -o {shlex.quote(cache)} {url}"
+    raise FastUnlearnError(f"{what} needs {cache}: not there and {reason}; fetch it with `{fetch}`"
+                           + (f" or give its path with {flag}" if flag else ""))
+
+
+def load_weights(path: str, what: str) -> dict:
+    """A state dict from a .safetensors file or a torch.save file (weights_only: no code is unpickled)."""
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise FastUnlearnError(f"cannot load {what} from {path}: " + " ".join(str(exc).split())[:200]) from None
+    if not isinstance(state, dict):
+        raise FastUnlearnError(f"{path} is not a state dict of {what} (a {type(state).__name__})")
+    return state
+
+
+def lpips_backbone_file(net: str = "alex", backbone_weights=None) -> str:
+    """The torchvision backbone file of LPIPS-`net` (`weights_file`: the given path, the cache, or a download)."""
+    import re
+
+    if net not in TORCHVISION_FILES:
+        raise FastUnlearnError(f"unknown LPIPS network {net!r}; choose one of alex, vgg, squeeze")
+    arch, filename = TORCHVISION_FILES[net]
+    match = re.search(r"-([a-f0-9]+)\.pth$", filename)  # torchvision's files carry a sha256 prefix
+    return weights_file(filename, TORCHVISION_URL.format(filename), f"LPIPS-{net} (torchvision's pretrained {arch} "
+                        "weights)", backbone_weights, "--lpips-weights PATH (eval.lpips_weights)",
+                        match.group(1) if match else None)
 
 
 class LPIPS(torch.nn.Module):
@@ -73,36 +160,27 @@ class LPIPS(torch.nn.Module):
     `distance` step (`fastunlearn.ops.lpips_distance`). Equals `lpips.LPIPS(net=...)` given the same
     backbone weights.
 
-    backbone_weights: a torchvision state dict file of the backbone (alexnet / vgg16 / squeezenet1_1);
-    default: torchvision's file in the local torch hub cache. Nothing is downloaded.
+    backbone_weights: a torchvision state dict file of the backbone (alexnet / vgg16 / squeezenet1_1;
+    torch.save or .safetensors); default: torchvision's file in the torch hub cache, downloaded there when
+    missing and online (`weights_file`), else a one-line error naming the file.
     """
 
     def __init__(self, net: str = "alex", backbone_weights: str | None = None):
         super().__init__()
-        import os
-
         import lpips
         import torchvision
 
-        if net not in TORCHVISION_FILES:
-            raise FastUnlearnError(f"unknown LPIPS network {net!r}; choose one of alex, vgg, squeeze")
-        arch, filename = TORCHVISION_FILES[net]
-        if backbone_weights is None:
-            backbone_weights = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
-            if not os.path.isfile(backbone_weights):
-                raise FastUnlearnError(
-                    f"LPIPS-{net} needs torchvision's pretrained {arch} weights: put {filename} in "
-                    f"{os.path.dirname(backbone_weights)} or pass backbone_weights=PATH")
-        elif not os.path.isfile(backbone_weights):
-            raise FastUnlearnError(f"backbone weights file {backbone_weights} does not exist")
+        backbone_weights = lpips_backbone_file(net, backbone_weights)
+        arch = TORCHVISION_FILES[net][0]
         self.name = f"lpips-{net}"
         self.net_name = net
         ref = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)  # linear weights from the package, no download
         tv = getattr(torchvision.models, arch)(weights=None)
         try:
-            tv.load_state_dict(torch.load(backbone_weights, map_location="cpu", weights_only=True))
-        except Exception as exc:
-            raise FastUnlearnError(f"cannot load {arch} weights from {backbone_weights}: {exc}") from None
+            tv.load_state_dict(load_weights(backbone_weights, f"{arch} weights"))
+        except RuntimeError as exc:
+            raise FastUnlearnError(f"cannot load {arch} weights from {backbone_weights}: "
+                                   + " ".join(str(exc).split())[:200]) from None
         for sl in (getattr(ref.net, f"slice{i}") for i in range(1, ref.L + 1)):
             for idx, module in sl.named_children():  # lpips keeps torchvision's feature indices as names
                 module.load_state_dict(tv.features[int(idx)].state_dict())
@@ -127,6 +205,82 @@ class LPIPS(torch.nn.Module):
         """(B, 1, 1, 1) like `lpips.LPIPS.forward`; inputs in [-1, 1], or [0, 1] with normalize=True."""
         d = self.distance(self.features(in0, normalize), self.features(in1, normalize))
         return d.view(-1, 1, 1, 1)
+
+
+def inception_file(weights=None) -> str:
+    """torch-fidelity's InceptionV3 weights file (`weights_file`: the given path, the cache, or a download)."""
+    return weights_file(INCEPTION_FILE, INCEPTION_URL, "FID (Inception, torch-fidelity's InceptionV3 weights)",
+                        weights, "--fid-weights PATH (eval.fid_weights)")
+
+
+class _Features(torch.nn.Identity):
+    """The "network" torchmetrics' FID/KID get: features computed once by `InceptionFID.embed` pass through."""
+
+    num_features = 2048
+
+
+class InceptionFID:
+    """Inception FID and KID through torchmetrics (torch-fidelity's InceptionV3, 2048-d pool features, as
+    `FrechetInceptionDistance(feature=2048, normalize=True)`) between two image sets (N, 3, H, W) in [0, 1].
+    `weights`: torch-fidelity's weights file (torch.save or .safetensors); default: `inception_file()`. The
+    file is read with weights_only (or safetensors) and handed to torch-fidelity as bytes written here."""
+
+    name = "inception"
+
+    def __init__(self, weights=None, device=None):
+        import io
+
+        try:
+            from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
+            from torchmetrics.image.kid import KernelInceptionDistance
+        except (ImportError, ModuleNotFoundError) as exc:
+            raise FastUnlearnError(f"eval.fid inception needs torchmetrics and torch-fidelity ({exc}): "
+                                   "pip install 'fastunlearn[fid]'") from None
+        self.path = inception_file(weights)
+        state = load_weights(self.path, "InceptionV3 weights")
+        buffer = io.BytesIO()  # torch-fidelity torch.load()s what it is given: only bytes written here
+        torch.save(state, buffer)
+        buffer.seek(0)
+        try:
+            self.network = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                              feature_extractor_weights_path=buffer)
+        except RuntimeError as exc:  # keys or shapes that are not torch-fidelity's InceptionV3
+            raise FastUnlearnError(f"cannot load InceptionV3 weights from {self.path}: "
+                                   + " ".join(str(exc).split())[:200]) from None
+        self._fid, self._kid = FrechetInceptionDistance, KernelInceptionDistance
+        self.device = device  # None: this rank's current CUDA device when embedding, else the CPU
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """(N, 2048) fp64 pool features of images (N, 3, H, W) in [0, 1], quantised to uint8 as torchmetrics does."""
+        device = torch.device(self.device) if self.device is not None else (
+            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
+        self.network.to(device)
+        out = [self.network((images[i:i + batch_size].to(device).float().clamp(0, 1) * 255).byte()).double()
+               for i in range(0, len(images), batch_size)]
+        return torch.cat(out).cpu()
+
+    @torch.no_grad()
+    def compare(self, real: torch.Tensor, fake: torch.Tensor, real_features=None) -> dict:
+        """{"fid", "kid", "kid_std"} of `fake` against `real` (torchmetrics' FID and KID: polynomial kernel,
+        100 subsets of min(1000, N) images); at least 2 images a side. `real_features`: `embed(real)`, if known."""
+        import warnings
+
+        if min(len(real), len(fake)) < 2:
+            raise FastUnlearnError(f"Inception FID needs at least 2 images a side, got {len(real)} and {len(fake)}")
+        f_real = real_features if real_features is not None else self.embed(real)
+        f_fake = self.embed(fake)
+        # sync_on_compute=False: every rank holds every image (sample_sharded), nothing to gather
+        fid = self._fid(feature=_Features(), sync_on_compute=False)
+        with warnings.catch_warnings():  # "KID will save all extracted features": 2048 floats an image, known
+            warnings.simplefilter("ignore", UserWarning)
+            kid = self._kid(feature=_Features(), subsets=100, subset_size=min(1000, len(real), len(fake)),
+                            sync_on_compute=False)
+        for features, is_real in ((f_real, True), (f_fake, False)):
+            fid.update(features, real=is_real)
+            kid.update(features, real=is_real)
+        kid_mean, kid_std = kid.compute()
+        return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
 
 
 def paired_distance(perceptual, teacher_images: torch.Tensor, student_images: torch.Tensor, teacher_features=None,

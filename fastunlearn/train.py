@@ -66,7 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--model", f"local diffusers pipeline folder, cached hub id, or an embedded world ({', '.join(worlds.WORLDS)})")
     flag("--method", "saddle | ovw | esd | erasediff | salun | ga | ca")
     flag("--params", "trained parameters: full | attn2 | non-attn2")
-    flag("--forget-prompts", "forget prompts: a text file (one per line) or one prompt; digits world: from --forget-digit")
+    p.add_argument("--forget-prompts", action="append", default=None, metavar="FILE|PROMPT",
+                   help="forget prompts: a text file (one per line, or `concept: prompt` lines for several concepts) "
+                        "or one prompt; repeatable: one file per concept, named by the file's stem (forget_concepts). "
+                        "Default: digits world, from --forget-digit")
     flag("--retain-prompts", "retain prompts: a text file (one per line) or one prompt; digits world: the other digits")
     flag("--anchor-prompts", "anchor prompt(s) for forget_target=anchor and ca: a file or one prompt")
     flag("--forget-digit", "digits world: the digit to forget", int)
@@ -83,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-rank", type=int, default=None, metavar="R",
                    help="train LoRA adapters of rank R (PEFT) instead of the weights; the teacher is the same UNet "
                         "with its adapters off (lora.rank; default: 0, no LoRA)")
+    p.add_argument("--fid-weights", default=None, metavar="PATH",
+                   help="torch-fidelity's InceptionV3 weights file: report Inception FID/KID of the retain images "
+                        "(sets eval.fid=inception and eval.fid_weights; default: eval.fid none)")
+    p.add_argument("--lpips-weights", default=None, metavar="PATH",
+                   help="torchvision's alexnet weights file for LPIPS-alex (eval.lpips_weights; default: the torch "
+                        "hub cache, downloaded there when online)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --output-dir (default: refuse)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other config key, dotted for sections, e.g. --set saddle.tau=0.1 --set lr=1e-4")
@@ -122,6 +131,18 @@ def config_from_args(argv=None) -> TrainConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
+    if args.forget_prompts is not None and len(args.forget_prompts) > 1:  # several concepts, one file each
+        files = [Path(v) for v in args.forget_prompts]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FastUnlearnError(f"--forget-prompts given more than once takes one prompt file per concept; "
+                                   f"{missing[0]} is not a file")
+        if len({f.stem for f in files}) != len(files):
+            raise FastUnlearnError("--forget-prompts files name their concepts by their stems, and two share one: "
+                                   + ", ".join(str(f) for f in files))
+        cfg.forget_concepts, args.forget_prompts = {f.stem: str(f) for f in files}, None
+    elif args.forget_prompts is not None:
+        args.forget_prompts = args.forget_prompts[0]
     named = ("model", "method", "params", "forget_prompts", "retain_prompts", "anchor_prompts", "forget_digit",
              "output_dir", "max_steps", "zero_stage", "seed", "report_to", "save_format", "resume_from_checkpoint")
     for flag in named:
@@ -140,6 +161,10 @@ def config_from_args(argv=None) -> TrainConfig:
         cfg.lora.rank = args.lora_rank
     if args.overwrite:
         cfg.overwrite = True
+    if args.fid_weights is not None:
+        cfg.eval.fid, cfg.eval.fid_weights = "inception", args.fid_weights
+    if args.lpips_weights is not None:
+        cfg.eval.lpips_weights = args.lpips_weights
     for item in args.set:
         if "=" not in item:
             raise FastUnlearnError(f"--set expects KEY=VALUE, got {item!r}")
@@ -159,7 +184,7 @@ class Trainer:
         self.cfg = cfg
         self.t_start = time.time()
         self.method = make_method(cfg)
-        forget, retain, anchors, self.world_info = resolve_prompts(cfg)
+        forget, retain, anchors, self.world_info, self.concepts = resolve_prompts(cfg)
         self.embedded_world = worlds.get(cfg.model, cfg.cache_dir)  # None for a model folder or hub id
         if self.method.needs_full_gradient and cfg.zero_stage == 3:
             raise FastUnlearnError(f"method {cfg.method} needs full gradients/weights on every rank, which ZeRO-3 "
@@ -197,6 +222,10 @@ class Trainer:
         cfg = self.cfg
         self.dtype = DTYPES[cfg.mixed_precision]
         self.pipe = load_pipeline(cfg.model, torch_dtype=self.dtype, cache_dir=cfg.cache_dir)  # bad paths fail first
+        from fastunlearn.evaluate import training_metrics
+
+        # LPIPS / Inception weights: found, or downloaded, now; a missing file fails the run here, not after training
+        self.metric_nets = training_metrics(cfg.eval, self.pipe, self.world_info, self.note)
         for msg in prompt_overflow(self.pipe, forget + retain + anchors):
             self.warn(msg)
             self.note(msg)
@@ -304,20 +333,25 @@ class Trainer:
             self._judge = make_judge(self.cfg.eval, self.world_info is not None, self.device, clip, self.note)
         return training_evaluator(self.cfg.eval, self.teacher_pipe(), self.forget, self.retain, final,
                                   self.embedded_world, self.world_info, clip, self.note, judge=self._judge,
-                                  judge_contrast=self.anchors)
+                                  judge_contrast=self.anchors, metrics=self.metric_nets, concepts=self.concepts)
 
     def note(self, text: str):
         if text not in self.notes:
             self.notes.append(text)
 
     def clip_scorer(self):
-        if not self.cfg.eval.clip_model:
+        """CLIPScore (and the clip judge's model): eval.clip_model, else the embedded world's own CLIP (digits),
+        else none."""
+        path = self.cfg.eval.clip_model
+        if not path and self.world_info is not None and hasattr(self.embedded_world, "clip_path"):
+            path = str(self.embedded_world.clip_path())
+        if not path:
             self.note("CLIPScore not computed: no local CLIP model given (eval.clip_model)")
             return None
         if not hasattr(self, "_clip"):
             from fastunlearn.metrics import CLIPScore
 
-            self._clip = CLIPScore(self.cfg.eval.clip_model, device=self.device)
+            self._clip = CLIPScore(path, device=self.device)
         return self._clip
 
     def teacher_pipe(self):
@@ -337,10 +371,12 @@ class Trainer:
         return metrics, images
 
     def forgotten(self, metrics) -> bool:
-        if "forget_accuracy" in metrics:
-            return metrics["forget_accuracy"] <= self.cfg.eval.forget_threshold
-        if metrics.get("forget_rate") is not None:  # a forget judge (fastunlearn.judges) outside the digits world
-            return metrics["forget_rate"] <= self.cfg.eval.forget_threshold
+        """The forget criterion: forget accuracy (digits world), else the judge's forget rate, <= the threshold;
+        with several concepts, for every concept."""
+        for key in ("forget_accuracy", "forget_rate"):  # forget_rate: a judge (fastunlearn.judges) outside the world
+            if metrics.get(key) is not None:
+                rates = list(metrics.get(f"{key}_by_concept", {}).values()) or [metrics[key]]
+                return max(rates) <= self.cfg.eval.forget_threshold
         return False
 
     # ---- checkpoints -----------------------------------------------------------------------------
@@ -500,11 +536,14 @@ class Trainer:
         shared = hasattr(self.teacher, "extra_bytes")  # SharedTeacher, or AdapterTeacher (LoRA)
         report = {
             "method": cfg.method, "model": cfg.model, "params": cfg.params, "forget_target": cfg.forget_target,
-            "forget_prompts": self.forget, "retain_prompts_count": len(self.retain), "anchor_prompts": sorted(set(self.anchors)),
+            "forget_prompts": self.forget, "forget_concepts": self.concepts, "retain_prompts_count": len(self.retain), "anchor_prompts": sorted(set(self.anchors)),
             "steps": self.step, "steps_to_converge": self.steps_to_converge,
             "wall_time_s": round(time.time() - self.t_start, 1),
             **metrics, **base,
             "perceptual_network": evaluator.perceptual.name if evaluator.perceptual else None,
+            "judge": (self._judge.name if getattr(self, "_judge", None) is not None
+                      else "digit classifier" if self.world_info is not None else None),
+            "clip_model": getattr(evaluator.clip, "name", None),
             "eval": {"forget_samples": len(evaluator.forget[0]), "retain_samples": len(evaluator.retain[0]),
                      "sampler": evaluator.sampler.to_dict()},
             "zero_stage": cfg.zero_stage, "world_size": self.world, "mixed_precision": cfg.mixed_precision,

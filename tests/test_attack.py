@@ -117,6 +117,37 @@ def test_run_attack_is_deterministic_and_writes_its_outputs(tiny_sd_path, tiny_s
     assert (tmp_path / "xl" / "learned_embeds_2.safetensors").is_file()
 
 
+def test_attack_with_a_clip_judge_measures_concept_rates(tiny_sd_path, tmp_path, monkeypatch):
+    """Outside a world the configured judge scores the attack: concept rates for the plain prompts, every
+    budget and the controls (the retained control judged against its own prompt)."""
+    from fastunlearn.attack import main
+    from fastunlearn.judges import CLIPJudge
+    from fastunlearn.testing import tiny_clip
+
+    monkeypatch.setenv("FASTUNLEARN_CACHE", str(tmp_path / "cache"))
+    clip = tiny_clip(tmp_path / "clip")
+    calls = []
+    rates = CLIPJudge.rates
+    monkeypatch.setattr(CLIPJudge, "rates", lambda self, im, q, c=(): calls.append((q, list(c))) or rates(self, im, q, c))
+    r = run_attack(tiny_sd_path, tiny_sd_path, "cat", FORGET, None, attack="inversion", retain_concept="dog",
+                   retain_prompts=["a photo of dog"], judge=CLIPJudge(str(clip)), **TINY)
+    assert r["judge"].startswith("clip") and not any("no judge" in n for n in r["notes"])
+    assert 0 <= r["no_attack"]["unlearned"]["concept_rate"] <= 1
+    for run in ("unlearned", "original_control", "retained_control"):
+        assert all(0 <= b["concept_rate"] <= 1 for b in r["inversion"][run]["budgets"].values()), run
+    assert set(r["concept_rate_under_attack"]) == {"inversion@0", "inversion@2", "inversion@4"}
+    assert ("a photo of cat", ["a photo of dog"]) in calls and ("a photo of dog", FORGET) in calls
+    (tmp_path / "f.txt").write_text("\n".join(FORGET))
+    for extra, match in [(["--judge", "classifier"], "needs --judge-weights"),
+                         (["--judge", "clip"], "needs a local CLIP model folder"),
+                         (["--clip-model", str(tmp_path / "none")], "is not a folder")]:
+        with pytest.raises(SystemExit) as exc:
+            main(["--original", str(tiny_sd_path), "--unlearned", str(tiny_sd_path), "--concept", "cat",
+                  "--forget-prompts", str(tmp_path / "f.txt"), "--out", str(tmp_path / "o"), *extra])
+        assert exc.value.code == 2
+        assert not (tmp_path / "o").exists()
+
+
 def test_v_prediction_target_is_the_velocity(tiny_sd_path):
     from fastunlearn.attack import output_target
     from fastunlearn.testing import _scheduler

@@ -231,6 +231,17 @@ def test_evaluate_reports_integrity_retain_and_forget_apart(tiny_sd_path, tmp_pa
     assert report["integrity"] == report["integrity_retain"]
     assert set(report["integrity_forget_by_prompt"]) == {"a photo of cat"}
     assert (tmp_path / "ev" / "grid.png").is_file()
+    assert "forget_rate" not in report  # no judge asked for
+    # a forget judge (here a tiny CLIP) gives the forget and retain rates beside integrity, before and after
+    from fastunlearn.testing import tiny_clip
+
+    clip = tiny_clip(tmp_path / "clip")
+    assert _evaluate([*common, "--unlearned", str(tmp_path / "unlearned"), "--out", str(tmp_path / "ev-judge"),
+                      "--clip-model", str(clip)]) == 0
+    report = json.loads((tmp_path / "ev-judge" / "report.json").read_text())
+    assert report["judge"].startswith("clip")
+    for key in ("forget_rate", "retain_rate", "base_forget_rate", "base_retain_rate"):
+        assert 0 <= report[key] <= 1, key
     # --forget-prompts names them when the run does not (a plain pipeline folder)
     (tmp_path / "unlearned" / "report.json").unlink()
     assert _evaluate([*common, "--unlearned", str(tmp_path / "unlearned"), "--out", str(tmp_path / "ev2"),

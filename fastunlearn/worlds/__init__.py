@@ -4,7 +4,7 @@ place where such names are resolved. The rest of fastunlearn uses a world only t
 interface:
 
     world.pipeline_path()                        the pipeline folder (built and cached on first use)
-    world.prompts(forget, retain, cfg)           default forget/retain prompts, and the world's info
+    world.prompts(forget, retain, cfg, concepts) default forget/retain prompts, and the world's info
                                                  about the run (None: the prompts are not the world's)
     world.evaluation(info, n_forget, n_retain)   evaluation sets, perceptual network and judge
     world.report_fields(info)                    what the world adds to a run's report

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from .classifier import DigitClassifier, train_classifier  # noqa: F401
 from .world import (  # noqa: F401
     DIGIT_WORDS,
@@ -54,18 +56,32 @@ class World:
 
         return ensure_clip(ensure_world(self.cache_dir))
 
-    def prompts(self, forget, retain, cfg):
-        """(forget, retain, info): defaults from `cfg.forget_digit`; info names the forgotten digit when
-        every forget prompt names the same one (else None: no digit-level evaluation)."""
+    def prompts(self, forget, retain, cfg, concepts=None):
+        """(forget, retain, info): defaults from `cfg.forget_digit`; info names the forgotten digit(s) when every
+        forget prompt names a digit (else None: no digit-level evaluation). Several digits are several concepts:
+        `concepts` ({name: prompts}, each naming one digit) or, without it, one concept per digit, named by it."""
         if forget is None:
             forget = digit_prompts(cfg.forget_digit)[:self.TRAINED_PHRASINGS]
-        labels = {digit_of_prompt(p) for p in forget}
-        if len(labels) != 1 or None in labels:
+        labels = [digit_of_prompt(p) for p in forget]
+        if None in labels:
             return forget, retain, None
-        d = labels.pop()
+        digits = sorted(set(labels))
+        if concepts:
+            names = {}
+            for name, prompts in concepts.items():
+                ds = {digit_of_prompt(q) for q in prompts}
+                if len(ds) != 1:
+                    return forget, retain, None  # a concept that is not one digit: no digit-level evaluation
+                names[ds.pop()] = name
+            if len(names) != len(concepts):
+                return forget, retain, None
+        else:
+            names = {d: str(d) for d in digits}
         if retain is None:
-            retain = [p for k in range(10) if k != d for p in digit_prompts(k)]
-        return forget, retain, {"forget_digit": d}
+            retain = [p for k in range(10) if k not in digits for p in digit_prompts(k)]
+        if len(digits) == 1:
+            return forget, retain, {"forget_digit": digits[0]}
+        return forget, retain, {"forget_digits": digits, "concepts": {names[d]: d for d in digits}}
 
     def _loaded(self) -> DigitsWorld:
         if not hasattr(self, "_world"):
@@ -78,19 +94,28 @@ class World:
         return DigitsPerceptual(self._loaded().classifier)
 
     def evaluation(self, info, n_forget: int, n_retain: int) -> dict:
-        """Keyword arguments of fastunlearn.evaluate.Evaluator: `n_forget` samples of the forgotten digit and
+        """Keyword arguments of fastunlearn.evaluate.Evaluator: `n_forget` samples of each forgotten digit and
         `n_retain` of every other one, the `lpips-digits` perceptual network, the classifier as judge, and
-        real images of the retained digits for `fid-digits`."""
-        d = info["forget_digit"]
-        forget = eval_pairs([d], n_forget)
-        retain = eval_pairs([k for k in range(10) if k != d], n_retain)
+        real images of the retained digits for `fid-digits`. Several digits: `forget_groups` names each forget
+        sample's concept."""
+        digits = info.get("forget_digits", [info.get("forget_digit")])
+        forget = eval_pairs(digits, n_forget)
+        retain = eval_pairs([k for k in range(10) if k not in digits], n_retain)
         images, labels = load_digit_images()
-        real = ((images[labels != d] + 1) / 2).expand(-1, 3, -1, -1)
-        return dict(forget=forget[:2], retain=retain[:2], perceptual=self.perceptual(),
-                    classifier=self._loaded().classifier, forget_label=d, retain_labels=retain[2], real_retain=real,
-                    retain_groups=retain[2], group_key="digit")
+        keep = ~torch.isin(labels, torch.tensor(digits))
+        real = ((images[keep] + 1) / 2).expand(-1, 3, -1, -1)
+        out = dict(forget=forget[:2], retain=retain[:2], perceptual=self.perceptual(),
+                   classifier=self._loaded().classifier, forget_label=forget[2] if len(digits) > 1 else digits[0],
+                   retain_labels=retain[2], real_retain=real, retain_groups=retain[2], group_key="digit")
+        if len(digits) > 1:
+            name = {d: n for n, d in info["concepts"].items()}
+            out["forget_groups"] = [name[d] for d in forget[2]]
+        return out
 
     def report_fields(self, info) -> dict:
+        if "forget_digits" in info:
+            return {"forget_digits": info["forget_digits"], "forget_concepts_digits": info["concepts"],
+                    "world": "digits (fastunlearn embedded world)"}
         return {"forget_digit": info["forget_digit"], "world": "digits (fastunlearn embedded world)"}
 
     def eval_prompts(self) -> list[str]:

@@ -2,7 +2,7 @@
 the world's prompts, so that the `clip` judge and CLIPScore run in the digits world through exactly the
 code path that loads a real CLIP folder (`CLIPModel` + `CLIPProcessor`, safetensors).
 
-Training (docs/worlds.md, "The digits CLIP"): image i of a batch is a real digit image (a random shift of
+Training (docs/metrics.md, "The digits world's CLIP"): image i of a batch is a real digit image (a random shift of
 up to 2 px), text i one of its digit's six phrasings. The loss is CLIP's symmetric cross-entropy over the
 batch's image-text cosine logits, with every text of the same digit counted as a positive (uniform soft
 target over them, as several images of a batch share a digit); the image-to-text direction also sees the
