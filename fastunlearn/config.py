@@ -107,6 +107,8 @@ class TrainConfig:
     retain_prompts: Any = None
     anchor_prompts: Any = None       # one per forget prompt, or a single one for all
     forget_digit: int = num(3, 0, 9)            # digits world only, when forget_prompts is not given
+    forget_style: str | None = None  # styles world only: erase a style ("red", "bold", "red bold") instead of
+                                     # forget_digit (a digit in every style), when forget_prompts is not given
     forget_target: str = "esd"
     forget_eta: float = num(1.0, 0)  # strength of the esd target's negative guidance (the ESD paper's eta)
     retain_target: str = "teacher"   # R's retain line against the teacher ("teacher") or the true noise ("noise", data mode)

@@ -19,13 +19,17 @@ class Evaluator:
     group under `*_by_<group_key>`; `trained_forget` (the prompts the run trained on) splits forget
     accuracy into the samples drawn from those prompts (`_seen`) and from the others (`_unseen`);
     `forget_groups` (one concept name per forget sample, a run with several concepts) adds forget
-    accuracy, the judge's forget rate and I_forget per concept under `*_by_concept`."""
+    accuracy, the judge's forget rate and I_forget per concept under `*_by_concept`. `cross` (a world with two
+    axes, e.g. styles: {"classifier", "forget_labels", "retain_labels"}, the other axis' judge and labels) adds
+    unlearning_accuracy (1 - forget_accuracy), in_domain_retain_accuracy (= retain_accuracy) and the other axis'
+    accuracy on the retain and forget samples (cross_domain_retain_accuracy, cross_domain_forget_accuracy)."""
 
     def __init__(self, teacher_pipe, forget, retain, sampler: SamplerConfig, perceptual=None, classifier=None,
                  forget_label=None, retain_labels=None, real_retain=None, clip=None, retain_groups=None,
                  group_key="prompt", trained_forget=None, judge=None, judge_contrast=(), fid=None,
-                 forget_groups=None):
+                 forget_groups=None, cross=None):
         self.teacher_pipe, self.sampler = teacher_pipe, sampler
+        self.cross = cross
         self.fid, self._fid_teacher = fid, None  # a metrics.InceptionFID (eval.fid inception); teacher features
         self.judge, self.judge_contrast = judge, list(judge_contrast)  # a fastunlearn.judges.Judge; extra contrasts
         self.forget, self.retain = forget, retain  # (prompts, seeds)
@@ -58,6 +62,19 @@ class Evaluator:
             out[f"retain_accuracy_by_{self.group_key}"] = self.by_group(r)
         if self.forget_groups is not None:
             out["forget_accuracy_by_concept"] = self.by_group(f, self.forget_groups)
+        if self.cross is not None:
+            out.update(self.cross_accuracy(forget_images, retain_images, out))
+        return out
+
+    def cross_accuracy(self, forget_images, retain_images, acc) -> dict:
+        """The metrics of a two-axis world (UnlearnCanvas' UA, IRA and CRA) from `accuracy`'s `acc`."""
+        judge = self.cross["classifier"]
+        out = {"unlearning_accuracy": 1 - acc["forget_accuracy"], "in_domain_retain_accuracy": acc["retain_accuracy"]}
+        for kind, images in (("retain", retain_images), ("forget", forget_images)):
+            ok = (judge.predict(images * 2 - 1).cpu() == torch.tensor(self.cross[f"{kind}_labels"])).float()
+            out[f"cross_domain_{kind}_accuracy"] = float(ok.mean())
+            if kind == "retain" and self.retain_groups is not None:
+                out[f"cross_domain_retain_accuracy_by_{self.group_key}"] = self.by_group(ok)
         return out
 
     def by_group(self, values: torch.Tensor, groups=None) -> dict:
@@ -103,6 +120,9 @@ class Evaluator:
             return out
         acc = self.accuracy(imgs["forget"], imgs["retain"])
         out.update(base_forget_accuracy=acc["forget_accuracy"], base_retain_accuracy=acc["retain_accuracy"])
+        if "cross_domain_retain_accuracy" in acc:
+            out.update(base_cross_domain_retain_accuracy=acc["cross_domain_retain_accuracy"],
+                       base_cross_domain_forget_accuracy=acc["cross_domain_forget_accuracy"])
         if "forget_accuracy_by_concept" in acc:
             out["base_forget_accuracy_by_concept"] = acc["forget_accuracy_by_concept"]
         if self.real_retain is not None and hasattr(self.perceptual, "embed"):  # scale: the teacher against real data

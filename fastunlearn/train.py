@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--retain-prompts", "retain prompts: a text file (one per line) or one prompt; digits world: the other digits")
     flag("--anchor-prompts", "anchor prompt(s) for forget_target=anchor and ca: a file or one prompt")
     flag("--forget-digit", "digits world: the digit to forget", int)
+    flag("--forget-style", "styles world: the style to forget (red, bold, red bold, ...) instead of a digit")
     flag("--output-dir", "where the pipeline, report.json, grid.png, train.log and checkpoints go")
     flag("--max-steps", "optimiser steps", int)
     flag("--zero-stage", "DeepSpeed ZeRO stage 0-3", int)
@@ -144,7 +145,7 @@ def config_from_args(argv=None) -> TrainConfig:
     elif args.forget_prompts is not None:
         args.forget_prompts = args.forget_prompts[0]
     named = ("model", "method", "params", "forget_prompts", "retain_prompts", "anchor_prompts", "forget_digit",
-             "output_dir", "max_steps", "zero_stage", "seed", "report_to", "save_format", "resume_from_checkpoint")
+             "forget_style", "output_dir", "max_steps", "zero_stage", "seed", "report_to", "save_format", "resume_from_checkpoint")
     for flag in named:
         if getattr(args, flag) is not None:
             setattr(cfg, flag, getattr(args, flag))

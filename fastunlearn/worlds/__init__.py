@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-WORLDS = {"digits": "fastunlearn.worlds.digits"}
+WORLDS = {"digits": "fastunlearn.worlds.digits", "styles": "fastunlearn.worlds.styles"}
 
 
 def get(name: str, cache_dir=None):

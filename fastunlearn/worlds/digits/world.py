@@ -177,12 +177,15 @@ def _train_vae(vae, images, recipe: Recipe, gen, bar):
     return dist.mean * vae.config.scaling_factor, dist.std * vae.config.scaling_factor
 
 
-def _train_unet(unet, text_encoder, tokenizer, scheduler, lat_mean, lat_std, labels, recipe: Recipe, gen, bar):
+def _train_unet(unet, text_encoder, tokenizer, scheduler, lat_mean, lat_std, labels, recipe: Recipe, gen, bar,
+                phrasings=None):
+    """Train the UNet and the text encoder jointly on the latents of labelled images; the prompt of a sample is a
+    random one of `phrasings[label]` (default: the six phrasings of each digit). Returns their EMA copies."""
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=recipe.unet_lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe.warmup_steps, recipe.unet_steps))
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
-    all_prompts = [digit_prompts(d) for d in range(10)]
+    all_prompts = phrasings if phrasings is not None else [digit_prompts(d) for d in range(10)]
     alphas = scheduler.alphas_cumprod
     snr = alphas / (1 - alphas)
     unet.train()
@@ -190,7 +193,7 @@ def _train_unet(unet, text_encoder, tokenizer, scheduler, lat_mean, lat_std, lab
     for step in range(recipe.unet_steps):
         idx = torch.randint(0, len(labels), (recipe.batch_size,), generator=gen)
         x0 = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)
-        choice = torch.randint(0, len(TEMPLATES), (len(idx),), generator=gen).tolist()
+        choice = torch.randint(0, len(all_prompts[0]), (len(idx),), generator=gen).tolist()
         drop = (torch.rand(len(idx), generator=gen) < recipe.uncond_prob).tolist()
         prompts = ["" if drop[i] else all_prompts[int(labels[j])][choice[i]] for i, j in enumerate(idx.tolist())]
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
@@ -309,7 +312,7 @@ class DigitsWorld:
         return SamplerConfig(**self.info["sampler"])
 
 
-def world_problem(path: Path, recipe: Recipe | None = None) -> str | None:
+def world_problem(path: Path, recipe: Recipe | None = None, version: str = WORLD_VERSION) -> str | None:
     """Why the world at `path` cannot be used (missing, partial, corrupt, stale), or None if it is complete."""
     manifest = path / "world.json"
     if not path.exists():
@@ -321,7 +324,7 @@ def world_problem(path: Path, recipe: Recipe | None = None) -> str | None:
         files = info["files"]
     except (OSError, ValueError, KeyError):
         return "corrupt world.json"
-    if info.get("version") != WORLD_VERSION:
+    if info.get("version") != version:
         return f"built by another version ({info.get('version')})"
     if recipe is not None and info.get("recipe") != asdict(recipe):
         return "built with another recipe"
@@ -344,36 +347,45 @@ def _lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def world_path(cache_dir=None, recipe: Recipe = Recipe()) -> Path:
-    name = WORLD_VERSION if recipe == Recipe() else f"{WORLD_VERSION}-{hashlib.sha256(json.dumps(asdict(recipe), sort_keys=True).encode()).hexdigest()[:10]}"
+def world_path(cache_dir=None, recipe: Recipe = Recipe(), version: str = WORLD_VERSION) -> Path:
+    """The cache folder of a world: named by its version, plus a hash of the recipe when not the default one."""
+    name = version if recipe == type(recipe)() else f"{version}-{hashlib.sha256(json.dumps(asdict(recipe), sort_keys=True).encode()).hexdigest()[:10]}"
     return cache_root(cache_dir) / name
 
 
-def ensure_world(cache_dir=None, recipe: Recipe = Recipe(), progress: bool = True, rebuild: bool = False) -> Path:
-    """Path of a complete world, building it (atomically, under a lock) when missing, partial or corrupt."""
-    path = world_path(cache_dir, recipe)
+def ensure_built(path: Path, recipe, build, version: str, name: str, summary, progress: bool = True,
+                 rebuild: bool = False) -> Path:
+    """`path` once it holds a complete world: built by `build(tmp, recipe, progress)` into a temporary folder and
+    moved into place (atomically, under a lock) when missing, partial or corrupt. `summary(info)`: what to print."""
     root = ensure_writable_dir(path.parent)
     with _lock(root / f".{path.name}.lock"):
-        problem = "rebuild requested" if rebuild else world_problem(path, recipe)
+        problem = "rebuild requested" if rebuild else world_problem(path, recipe, version)
         if problem is None:
             return path
         if problem != "missing":
-            print(f"fastunlearn: digits world at {path} is {problem}; rebuilding", file=sys.stderr)
+            print(f"fastunlearn: {name} world at {path} is {problem}; rebuilding", file=sys.stderr)
         tmp = root / f".{path.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
-            info = build_world(tmp, recipe, progress)
+            info = build(tmp, recipe, progress)
             if path.exists():
                 shutil.rmtree(path)
             os.replace(tmp, path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         if progress:
-            print(f"fastunlearn: built the digits world in {info['build_seconds']:.0f} s at {path}: classifier "
-                  f"held-out accuracy {info['classifier_heldout_accuracy']:.3f}, base pipeline draws the prompted "
-                  f"digit {info['base_accuracy']:.3f} of the time", file=sys.stderr)
+            print(f"fastunlearn: built the {name} world in {info['build_seconds']:.0f} s at {path}: {summary(info)}",
+                  file=sys.stderr)
     return path
+
+
+def ensure_world(cache_dir=None, recipe: Recipe = Recipe(), progress: bool = True, rebuild: bool = False) -> Path:
+    """Path of a complete world, building it (atomically, under a lock) when missing, partial or corrupt."""
+    return ensure_built(world_path(cache_dir, recipe), recipe, build_world, WORLD_VERSION, "digits",
+                        lambda info: f"classifier held-out accuracy {info['classifier_heldout_accuracy']:.3f}, base "
+                                     f"pipeline draws the prompted digit {info['base_accuracy']:.3f} of the time",
+                        progress, rebuild)
 
 
 def load_world(cache_dir=None, recipe: Recipe = Recipe(), progress: bool = True, device="cpu") -> DigitsWorld:

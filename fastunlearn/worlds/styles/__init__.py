@@ -1,0 +1,206 @@
+"""The styles world: the sklearn digits drawn in 8 ink styles (4 colours x 2 strokes), a tiny Stable Diffusion
+pipeline prompted by digit and style, a digit classifier and an exact style judge. Erasure has neighbours on
+two axes: erase a style (all digits in red ink; neighbours: the other styles) or a digit (the 3 in every style;
+neighbours: the other digits). `World` is what the rest of fastunlearn uses (fastunlearn.worlds)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .judge import (  # noqa: F401
+    AxisClassifier,
+    InkDigitClassifier,
+    StyleJudge,
+    StylesPerceptual,
+    digit_judge,
+    train_ink_classifier,
+)
+from .prompts import (  # noqa: F401
+    COMBINATIONS,
+    TEMPLATES,
+    combo_prompts,
+    eval_pairs,
+    has_style,
+    parse_prompt,
+    parse_style,
+    prompt_words,
+    style_name,
+)
+from .render import COLOUR_NAMES, STROKE_NAMES, STYLES, render_styles, style_index  # noqa: F401
+from .world import (  # noqa: F401
+    FAST_RECIPE,
+    WORLD_VERSION,
+    Recipe,
+    StylesWorld,
+    build_world,
+    ensure_world,
+    heldout_split,
+    load_styled_images,
+    load_world,
+    main,
+    score_pipeline,
+    world_path,
+    world_problem,
+)
+
+REAL_RETAIN_IMAGES = 2000  # real images of the retained concepts (fid-styles' reference), a fixed subsample
+
+
+def task_of_prompts(prompts) -> dict | None:
+    """The world's info for forget prompts given by the user: a digit task when they all name one digit (in more
+    than one style), a style task when they name more than one digit and share a colour and/or a stroke (the
+    concept is what they share); None otherwise (no world-level evaluation)."""
+    parsed = [parse_prompt(q) for q in prompts]
+    if not parsed or any(None in p for p in parsed):
+        return None
+    digits, colours, strokes = ({p[i] for p in parsed} for i in range(3))
+    if len(digits) == 1:
+        return {"task": "digit", "forget_digit": digits.pop()} if len(colours) * len(strokes) > 1 else None
+    colour = colours.pop() if len(colours) == 1 else None
+    stroke = strokes.pop() if len(strokes) == 1 else None
+    if colour is None and stroke is None:
+        return None
+    return {"task": "style", "forget_style": style_name(colour, stroke)}
+
+
+def concept_combos(info: dict) -> list[tuple[int, int]]:
+    """The (digit, style) combinations of the forgotten concept."""
+    if info["task"] == "digit":
+        return [(d, s) for d, s in COMBINATIONS if d == info["forget_digit"]]
+    colour, stroke = parse_style(info["forget_style"])
+    return [(d, s) for d, s in COMBINATIONS if has_style(s, colour, stroke)]
+
+
+class World:
+    """The styles world behind the interface of fastunlearn.worlds. Two tasks, chosen by the config:
+    `forget_style` ("red", "bold" or "red bold") erases a style in every digit; otherwise `forget_digit` erases
+    a digit in every style. Defaults: the forget prompts are the first TRAINED_PHRASINGS phrasings of every
+    combination of the concept (evaluated on all six, as the digits world), the retain prompts the canonical
+    phrasing of every other combination.
+
+    Metrics (docs/worlds-styles.md): the in-domain axis is the forgotten concept's (colour, stroke, style or
+    digit), the cross-domain axis the other one (digit identity, or the full style). forget_accuracy is the share
+    of forget samples the in-domain judge sees as the concept (unlearning accuracy = 1 - it), retain_accuracy
+    the in-domain accuracy on the retain samples, cross_domain_retain_accuracy the other axis' accuracy on them;
+    I_retain and retain accuracy per neighbour group (retain style, or retain digit)."""
+
+    name = "styles"
+    guidance_scale = 4.0
+    TRAINED_PHRASINGS = 3
+
+    def __init__(self, cache_dir=None, recipe: Recipe = Recipe()):
+        self.cache_dir, self.recipe = cache_dir, recipe
+
+    def pipeline_path(self) -> Path:
+        return ensure_world(self.cache_dir, self.recipe) / "pipeline"
+
+    def _loaded(self) -> StylesWorld:
+        if not hasattr(self, "_world"):
+            self._world = load_world(self.cache_dir, self.recipe, progress=False)
+        return self._world
+
+    # ---- prompts ---------------------------------------------------------------------------------------
+    def task(self, cfg) -> dict:
+        """The info of the configured task: forget_style when given, else forget_digit (default 3)."""
+        style = getattr(cfg, "forget_style", None)
+        if style:
+            return {"task": "style", "forget_style": style_name(*parse_style(style))}
+        return {"task": "digit", "forget_digit": int(getattr(cfg, "forget_digit", 3))}
+
+    def forget_prompts(self, info: dict) -> list[str]:
+        return [q for d, s in concept_combos(info) for q in combo_prompts(d, s)[:self.TRAINED_PHRASINGS]]
+
+    def retain_prompts(self, info: dict) -> list[str]:
+        forgotten = set(concept_combos(info))
+        return [combo_prompts(d, s)[0] for d, s in COMBINATIONS if (d, s) not in forgotten]
+
+    def prompts(self, forget, retain, cfg, concepts=None):
+        """(forget, retain, info). info: {"task": "style", "forget_style": name} or {"task": "digit",
+        "forget_digit": d}; None when the prompts are not one concept of the world (or several concepts: not yet
+        supported in this world), and then no world-level evaluation."""
+        if concepts:
+            return forget, retain, None
+        if forget is None:
+            info = self.task(cfg)
+            forget = self.forget_prompts(info)
+        else:
+            info = task_of_prompts(forget)
+            if info is None:
+                return forget, retain, None
+        if retain is None:
+            retain = self.retain_prompts(info)
+        return forget, retain, info
+
+    def eval_prompts(self) -> list[str]:
+        """The canonical prompt of every (digit, style)."""
+        return [combo_prompts(d, s)[0] for d, s in COMBINATIONS]
+
+    # ---- evaluation ------------------------------------------------------------------------------------
+    def perceptual(self):
+        return StylesPerceptual(self._loaded().classifier)
+
+    def judges(self) -> dict:
+        """Both axes behind fastunlearn.judges.Judge: {"digit": the classifier, "style": the exact rules}."""
+        return {"digit": digit_judge(self._loaded().classifier, self.eval_prompts() + [
+            q for d, s in COMBINATIONS for q in combo_prompts(d, s)]), "style": StyleJudge()}
+
+    def sets(self, info: dict, n_forget: int, n_retain: int) -> dict:
+        """The evaluation sets without any network: forget (prompts, seeds), retain (prompts, seeds), and per
+        sample its digit and style; `axis` (in-domain: colour, stroke, style or digit), the concept's label on
+        it, the groups (retain style names, or retain digits) and their key. n_forget samples spread over the
+        concept's combinations; n_retain samples per neighbour group, spread over the other axis."""
+        forget = eval_pairs(concept_combos(info), n_forget)
+        forgotten = set(concept_combos(info))
+        if info["task"] == "digit":
+            groups = [k for k in range(10) if k != info["forget_digit"]]
+            parts = [eval_pairs([(k, s) for s in range(len(STYLES))], n_retain) for k in groups]
+            axis, label = "digit", info["forget_digit"]
+        else:
+            colour, stroke = parse_style(info["forget_style"])
+            groups = [s for s in range(len(STYLES)) if not has_style(s, colour, stroke)]
+            parts = [eval_pairs([(d, s) for d in range(10)], n_retain) for s in groups]
+            axis = "style" if colour is not None and stroke is not None else "colour" if colour is not None else "stroke"
+            label = style_index(colour, stroke) if axis == "style" else colour if axis == "colour" else stroke
+        retain = tuple([x for part in parts for x in part[i]] for i in range(4))
+        assert not forgotten & set(zip(retain[2], retain[3]))  # the retain set never shows the concept
+        return {"forget": forget, "retain": retain, "axis": axis, "label": label,
+                "groups": retain[2] if axis == "digit" else [STYLES[s] for s in retain[3]],
+                "group_key": "digit" if axis == "digit" else "style"}
+
+    @staticmethod
+    def axis_labels(axis: str, digits, styles) -> list[int]:
+        n = len(STROKE_NAMES)
+        return {"digit": list(digits), "style": list(styles), "colour": [s // n for s in styles],
+                "stroke": [s % n for s in styles]}[axis]
+
+    def evaluation(self, info, n_forget: int, n_retain: int) -> dict:
+        """Keyword arguments of fastunlearn.evaluate.Evaluator (see `sets`): the in-domain judge as `classifier`
+        (the digit classifier, or the exact style rules on the concept's axis), the other axis as `cross`, the
+        lpips-styles perceptual network and real styled images of the retained combinations."""
+        sets = self.sets(info, n_forget, n_retain)
+        (fp, fs, fd, fst), (rp, rs, rd, rst) = sets["forget"], sets["retain"]
+        ink = self._loaded().classifier
+        in_domain = ink if sets["axis"] == "digit" else AxisClassifier(sets["axis"])
+        other, other_axis = (AxisClassifier("style"), "style") if sets["axis"] == "digit" else (ink, "digit")
+        images, digits, styles = load_styled_images()
+        forgotten = torch.tensor([s * 10 + d for d, s in concept_combos(info)])
+        keep = torch.nonzero(~torch.isin(styles * 10 + digits, forgotten)).flatten()
+        keep = keep[torch.randperm(len(keep), generator=torch.Generator().manual_seed(0))[:REAL_RETAIN_IMAGES]]
+        return dict(forget=(fp, fs), retain=(rp, rs), perceptual=StylesPerceptual(ink), classifier=in_domain,
+                    forget_label=sets["label"], retain_labels=self.axis_labels(sets["axis"], rd, rst),
+                    real_retain=(images[keep] + 1) / 2, retain_groups=sets["groups"], group_key=sets["group_key"],
+                    cross={"classifier": other, "axis": other_axis,
+                           "forget_labels": self.axis_labels(other_axis, fd, fst),
+                           "retain_labels": self.axis_labels(other_axis, rd, rst)})
+
+    def report_fields(self, info) -> dict:
+        concept = (f"digit {info['forget_digit']} in every style" if info["task"] == "digit"
+                   else f"{info['forget_style']} in every digit")
+        other = "style" if info["task"] == "digit" else "digit"
+        return {**info, "world": "styles (fastunlearn embedded world)", "forget_concept": concept,
+                "metric_definitions": {
+                    "unlearning_accuracy": f"1 - forget_accuracy: share of forget samples not judged {concept}",
+                    "in_domain_retain_accuracy": "retain_accuracy: retain samples judged as their prompt on the "
+                                                 f"forgotten concept's axis ({info['task']})",
+                    "cross_domain_retain_accuracy": f"retain samples judged as their prompt's {other}"}}

@@ -1,0 +1,5 @@
+import sys
+
+from .world import main
+
+sys.exit(main())
