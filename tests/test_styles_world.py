@@ -60,7 +60,8 @@ def test_renders_are_deterministic_in_range_and_style_major(renders):
     from sklearn.datasets import load_digits
 
     again, again_styles = R.render_styles(torch.tensor(load_digits().images[:50]).unsqueeze(1))
-    assert torch.equal((again + 1) / 2, images[torch.cat([torch.arange(50) + s * n for s in range(len(STYLES))])])
+    same = torch.cat([torch.arange(50) + s * n for s in range(len(STYLES))])
+    assert torch.equal((again + 1) / 2, images[same]) and torch.equal(again_styles, styles[same])
     # the ink map is the same in every colour (palette max channel 1): the digit classifier is colour-blind
     ink = R.ink_map(images)
     assert torch.allclose(ink[:n], ink[2 * n:3 * n]) and torch.allclose(ink[:n], ink[6 * n:7 * n])
@@ -74,18 +75,21 @@ def test_style_judge_is_exact_on_the_renders(renders):
     assert float((R.style_of(images) == styles).float().mean()) >= 0.99
     depth = R.stroke_depth(images)
     # the stroke threshold separates the two strokes with a margin on every render
-    assert depth[stroke == 0].max() < R.STROKE_THRESHOLD - 0.1 < R.STROKE_THRESHOLD + 0.1 < depth[stroke == 1].min()
+    assert depth[stroke == 0].max() < R.STROKE_THRESHOLD - 0.1
+    assert depth[stroke == 1].min() > R.STROKE_THRESHOLD + 0.1
 
 
 @pytest.mark.parametrize("damage", ["noise 0.1", "noise 0.15", "blur 0.8", "blur 1.0", "down-up 16px"])
 def test_style_judge_is_robust_to_mild_noise_and_blur(renders, damage):
     images, _, styles = renders
     if damage.startswith("noise"):
-        x = images + float(damage.split()[1]) * torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
+        noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
+        x = images + float(damage.split()[1]) * noise
     elif damage.startswith("blur"):
         x = _gaussian_blur(images, float(damage.split()[1]))
     else:
-        x = F.interpolate(F.interpolate(images, size=16, mode="bilinear", antialias=True), size=32, mode="bilinear")
+        small = F.interpolate(images, size=16, mode="bilinear", antialias=True)
+        x = F.interpolate(small, size=32, mode="bilinear")
     assert float((R.style_of(x.clamp(0, 1)) == styles).float().mean()) >= 0.98
 
 
@@ -97,7 +101,8 @@ def test_style_judge_behind_the_judge_interface(renders):
     red_bold = images[STYLES.index("red bold") * n:][:20]
     green_thin = images[STYLES.index("green thin") * n:][:20]
     x = torch.cat([red_bold, green_thin])
-    assert judge.rates(x, combo_prompts(3, STYLES.index("red bold"))[0]).tolist() == [True] * 20 + [False] * 20
+    prompt = combo_prompts(3, STYLES.index("red bold"))[0]
+    assert judge.rates(x, prompt).tolist() == [True] * 20 + [False] * 20
     assert judge.rates(x, "red").tolist() == [True] * 20 + [False] * 20  # a colour concept: any stroke
     assert judge.rates(x, "thin").tolist() == [False] * 20 + [True] * 20
     assert not judge.rates(torch.zeros(2, 3, 32, 32), "red").any()  # no ink: no style
@@ -109,14 +114,16 @@ def test_style_judge_behind_the_judge_interface(renders):
 def test_prompts_name_digit_and_style_and_tokenise_apart():
     from fastunlearn.worlds.tokenizer import build_clip_tokenizer
 
-    assert combo_prompts(3, STYLES.index("red bold"))[0] == "a handwritten digit three in red ink, bold strokes"
+    canonical = combo_prompts(3, STYLES.index("red bold"))[0]
+    assert canonical == "a handwritten digit three in red ink, bold strokes"
     prompts = [q for d, s in COMBINATIONS for q in combo_prompts(d, s)]
     assert len(set(prompts)) == len(prompts) == 10 * len(STYLES) * 6
     for d, s in COMBINATIONS:
         assert all(parse_prompt(q) == (d, s // 2, s % 2) for q in combo_prompts(d, s))
     tok = build_clip_tokenizer(prompt_words())
     assert len({tuple(tok(q).input_ids) for q in prompts}) == len(prompts)
-    assert parse_style("bold red") == (0, 1) and parse_style("blue") == (2, None) and parse_style("thin") == (None, 0)
+    assert parse_style("bold red") == (0, 1) and parse_style("blue") == (2, None)
+    assert parse_style("thin") == (None, 0)
     for bad in ("purple", "red blue", "", "red ink"):
         with pytest.raises(FastUnlearnError, match="not a style of the styles world"):
             parse_style(bad)
@@ -124,9 +131,10 @@ def test_prompts_name_digit_and_style_and_tokenise_apart():
 
 def test_task_of_user_prompts():
     red = STYLES.index("red thin")
-    assert task_of_prompts([combo_prompts(d, red)[0] for d in range(10)]) == {"task": "style", "forget_style": "red thin"}
-    assert task_of_prompts([combo_prompts(d, s)[1] for d in (1, 2) for s in (0, 1)]) == {"task": "style",
-                                                                                       "forget_style": "red"}
+    assert task_of_prompts([combo_prompts(d, red)[0] for d in range(10)]) == {"task": "style",
+                                                                              "forget_style": "red thin"}
+    two = [combo_prompts(d, s)[1] for d in (1, 2) for s in (0, 1)]
+    assert task_of_prompts(two) == {"task": "style", "forget_style": "red"}
     assert task_of_prompts([combo_prompts(3, s)[0] for s in range(8)]) == {"task": "digit", "forget_digit": 3}
     assert task_of_prompts([combo_prompts(3, 0)[0]]) is None  # one combination: which axis is ambiguous
     assert task_of_prompts(["a photo of a cat"]) is None
@@ -192,8 +200,12 @@ def test_world_sets_are_consistent_for_both_tasks(fast_world, renders, task):
         return d == task if info["task"] == "digit" else (
             (colour is None or s // 2 == colour) and (stroke is None or s % 2 == stroke))
 
-    assert all(of_concept(*parse_prompt(q)[:1], parse_prompt(q)[1] * 2 + parse_prompt(q)[2]) for q in forget)
-    assert not any(of_concept(*parse_prompt(q)[:1], parse_prompt(q)[1] * 2 + parse_prompt(q)[2]) for q in retain)
+    def combo(q):
+        d, c, k = parse_prompt(q)
+        return d, c * len(STROKE_NAMES) + k
+
+    assert all(of_concept(*combo(q)) for q in forget)
+    assert not any(of_concept(*combo(q)) for q in retain)
     assert len(forget) + 3 * len(retain) == 3 * len(COMBINATIONS)  # 3 phrasings per forgotten combination
 
     sets = world.sets(info, 24, 4)

@@ -1,7 +1,8 @@
-"""The styles world: the sklearn digits drawn in 8 ink styles (4 colours x 2 strokes), a tiny Stable Diffusion
-pipeline prompted by digit and style, a digit classifier and an exact style judge. Erasure has neighbours on
-two axes: erase a style (all digits in red ink; neighbours: the other styles) or a digit (the 3 in every style;
-neighbours: the other digits). `World` is what the rest of fastunlearn uses (fastunlearn.worlds)."""
+"""The styles world: the sklearn digits drawn in 8 ink styles (4 colours x 2 strokes), a tiny Stable
+Diffusion pipeline prompted by digit and style, a digit classifier and an exact style judge. Erasure has
+neighbours on two axes: erase a style (all digits in red ink; neighbours: the other styles) or a digit (the 3
+in every style; neighbours: the other digits). `World` is what the rest of fastunlearn uses
+(fastunlearn.worlds)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -48,9 +49,9 @@ REAL_RETAIN_IMAGES = 2000  # real images of the retained concepts (fid-styles' r
 
 
 def task_of_prompts(prompts) -> dict | None:
-    """The world's info for forget prompts given by the user: a digit task when they all name one digit (in more
-    than one style), a style task when they name more than one digit and share a colour and/or a stroke (the
-    concept is what they share); None otherwise (no world-level evaluation)."""
+    """The world's info for forget prompts given by the user: a digit task when they all name one digit (in
+    more than one style), a style task when they name more than one digit and share a colour and/or a stroke
+    (the concept is what they share); None otherwise (no world-level evaluation)."""
     parsed = [parse_prompt(q) for q in prompts]
     if not parsed or any(None in p for p in parsed):
         return None
@@ -74,16 +75,16 @@ def concept_combos(info: dict) -> list[tuple[int, int]]:
 
 class World:
     """The styles world behind the interface of fastunlearn.worlds. Two tasks, chosen by the config:
-    `forget_style` ("red", "bold" or "red bold") erases a style in every digit; otherwise `forget_digit` erases
-    a digit in every style. Defaults: the forget prompts are the first TRAINED_PHRASINGS phrasings of every
-    combination of the concept (evaluated on all six, as the digits world), the retain prompts the canonical
-    phrasing of every other combination.
+    `forget_style` ("red", "bold" or "red bold") erases a style in every digit; otherwise `forget_digit`
+    erases a digit in every style. Defaults: the forget prompts are the first TRAINED_PHRASINGS phrasings of
+    every combination of the concept (evaluated on all six, as the digits world), the retain prompts the
+    canonical phrasing of every other combination.
 
     Metrics (docs/worlds-styles.md): the in-domain axis is the forgotten concept's (colour, stroke, style or
-    digit), the cross-domain axis the other one (digit identity, or the full style). forget_accuracy is the share
-    of forget samples the in-domain judge sees as the concept (unlearning accuracy = 1 - it), retain_accuracy
-    the in-domain accuracy on the retain samples, cross_domain_retain_accuracy the other axis' accuracy on them;
-    I_retain and retain accuracy per neighbour group (retain style, or retain digit)."""
+    digit), the cross-domain axis the other one (digit identity, or the full style). forget_accuracy is the
+    share of forget samples the in-domain judge sees as the concept (unlearning accuracy = 1 - it),
+    retain_accuracy the in-domain accuracy on the retain samples, cross_domain_retain_accuracy the other
+    axis' accuracy on them; I_retain and retain accuracy per neighbour group (retain style, or digit)."""
 
     name = "styles"
     guidance_scale = 4.0
@@ -117,8 +118,8 @@ class World:
 
     def prompts(self, forget, retain, cfg, concepts=None):
         """(forget, retain, info). info: {"task": "style", "forget_style": name} or {"task": "digit",
-        "forget_digit": d}; None when the prompts are not one concept of the world (or several concepts: not yet
-        supported in this world), and then no world-level evaluation."""
+        "forget_digit": d}; None when the prompts are not one concept of the world (or several concepts: not
+        yet supported in this world), and then no world-level evaluation."""
         if concepts:
             return forget, retain, None
         if forget is None:
@@ -160,8 +161,10 @@ class World:
             colour, stroke = parse_style(info["forget_style"])
             groups = [s for s in range(len(STYLES)) if not has_style(s, colour, stroke)]
             parts = [eval_pairs([(d, s) for d in range(10)], n_retain) for s in groups]
-            axis = "style" if colour is not None and stroke is not None else "colour" if colour is not None else "stroke"
-            label = style_index(colour, stroke) if axis == "style" else colour if axis == "colour" else stroke
+            if colour is not None and stroke is not None:
+                axis, label = "style", style_index(colour, stroke)
+            else:
+                axis, label = ("colour", colour) if colour is not None else ("stroke", stroke)
         retain = tuple([x for part in parts for x in part[i]] for i in range(4))
         assert not forgotten & set(zip(retain[2], retain[3]))  # the retain set never shows the concept
         return {"forget": forget, "retain": retain, "axis": axis, "label": label,
@@ -175,9 +178,9 @@ class World:
                 "stroke": [s % n for s in styles]}[axis]
 
     def evaluation(self, info, n_forget: int, n_retain: int) -> dict:
-        """Keyword arguments of fastunlearn.evaluate.Evaluator (see `sets`): the in-domain judge as `classifier`
-        (the digit classifier, or the exact style rules on the concept's axis), the other axis as `cross`, the
-        lpips-styles perceptual network and real styled images of the retained combinations."""
+        """Keyword arguments of fastunlearn.evaluate.Evaluator (see `sets`): the in-domain judge as
+        `classifier` (the digit classifier, or the exact style rules on the concept's axis), the other axis as
+        `cross`, the lpips-styles perceptual network and real styled images of the retained combinations."""
         sets = self.sets(info, n_forget, n_retain)
         (fp, fs, fd, fst), (rp, rs, rd, rst) = sets["forget"], sets["retain"]
         ink = self._loaded().classifier
@@ -186,10 +189,12 @@ class World:
         images, digits, styles = load_styled_images()
         forgotten = torch.tensor([s * 10 + d for d, s in concept_combos(info)])
         keep = torch.nonzero(~torch.isin(styles * 10 + digits, forgotten)).flatten()
-        keep = keep[torch.randperm(len(keep), generator=torch.Generator().manual_seed(0))[:REAL_RETAIN_IMAGES]]
+        order = torch.randperm(len(keep), generator=torch.Generator().manual_seed(0))
+        keep = keep[order[:REAL_RETAIN_IMAGES]]
         return dict(forget=(fp, fs), retain=(rp, rs), perceptual=StylesPerceptual(ink), classifier=in_domain,
                     forget_label=sets["label"], retain_labels=self.axis_labels(sets["axis"], rd, rst),
-                    real_retain=(images[keep] + 1) / 2, retain_groups=sets["groups"], group_key=sets["group_key"],
+                    real_retain=(images[keep] + 1) / 2, retain_groups=sets["groups"],
+                    group_key=sets["group_key"],
                     cross={"classifier": other, "axis": other_axis,
                            "forget_labels": self.axis_labels(other_axis, fd, fst),
                            "retain_labels": self.axis_labels(other_axis, rd, rst)})
@@ -200,7 +205,8 @@ class World:
         other = "style" if info["task"] == "digit" else "digit"
         return {**info, "world": "styles (fastunlearn embedded world)", "forget_concept": concept,
                 "metric_definitions": {
-                    "unlearning_accuracy": f"1 - forget_accuracy: share of forget samples not judged {concept}",
-                    "in_domain_retain_accuracy": "retain_accuracy: retain samples judged as their prompt on the "
-                                                 f"forgotten concept's axis ({info['task']})",
+                    "unlearning_accuracy": "1 - forget_accuracy: share of forget samples not judged "
+                                           f"{concept}",
+                    "in_domain_retain_accuracy": "retain_accuracy: retain samples judged as their prompt on "
+                                                 f"the forgotten concept's axis ({info['task']})",
                     "cross_domain_retain_accuracy": f"retain samples judged as their prompt's {other}"}}

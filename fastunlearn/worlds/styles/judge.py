@@ -30,7 +30,8 @@ class InkDigitClassifier(DigitClassifier):
 
 def train_ink_classifier(images, labels, steps: int, seed: int = 0, progress=None) -> InkDigitClassifier:
     """Train on styled (N, 3, 32, 32) images in [-1, 1] (their ink maps)."""
-    base = train_classifier(InkDigitClassifier.prepare(images), labels, steps=steps, seed=seed, progress=progress)
+    base = train_classifier(InkDigitClassifier.prepare(images), labels, steps=steps, seed=seed,
+                            progress=progress)
     model = InkDigitClassifier(base.channels)
     model.load_state_dict(base.state_dict())
     return model.eval().requires_grad_(False)
@@ -53,9 +54,10 @@ class AxisClassifier:
 
 
 class StyleJudge(Judge):
-    """The exact style judge: an image shows the style of `concept_prompt` iff its ink colour is the colour the
-    prompt names (if it names one) and its stroke is the stroke the prompt names (if it names one). A concept
-    is a prompt of the world or a style name ("red", "bold", "red bold"). Contrast prompts are not used."""
+    """The exact style judge: an image shows the style of `concept_prompt` iff its ink colour is the colour
+    the prompt names (if it names one) and its stroke is the stroke the prompt names (if it names one). A
+    concept is a prompt of the world or a style name ("red", "bold", "red bold"). Contrast prompts are not
+    used."""
 
     name = "styles (exact colour and stroke rules)"
 
@@ -63,7 +65,8 @@ class StyleJudge(Judge):
     def rates(self, images, concept_prompt, contrast_prompts=()):
         _, colour, stroke = parse_prompt(concept_prompt)
         if colour is None and stroke is None:
-            raise FastUnlearnError(f"style judge: {concept_prompt!r} names no colour and no stroke of the styles world")
+            raise FastUnlearnError(f"style judge: {concept_prompt!r} names no colour and no stroke of the "
+                                   "styles world")
         x = images.float().cpu()
         shows = torch.ones(len(x), dtype=torch.bool)
         if colour is not None:

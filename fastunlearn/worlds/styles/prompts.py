@@ -45,18 +45,20 @@ def parse_prompt(prompt: str) -> tuple[int | None, int | None, int | None]:
 
 
 def prompt_words() -> list[str]:
-    return sorted({w for d, s in COMBINATIONS for p in combo_prompts(d, s) for w in p.replace(",", " ").split()})
+    return sorted({w for d, s in COMBINATIONS for p in combo_prompts(d, s)
+                   for w in p.replace(",", " ").split()})
 
 
 def parse_style(name: str) -> tuple[int | None, int | None]:
-    """(colour, stroke) of a style concept: "red", "bold" or "red bold" (either order). One-line error if not."""
+    """(colour, stroke) of a style concept: "red", "bold" or "red bold" (either order); else a one-line
+    error."""
     words = _words(str(name))
     colour = [COLOUR_NAMES.index(w) for w in words if w in COLOUR_NAMES]
     stroke = [STROKE_NAMES.index(w) for w in words if w in STROKE_NAMES]
     if len(words) != len(colour) + len(stroke) or len(colour) > 1 or len(stroke) > 1 or not words:
         raise FastUnlearnError(f"forget_style {name!r} is not a style of the styles world: give a colour "
-                               f"({', '.join(COLOUR_NAMES)}), a stroke ({', '.join(STROKE_NAMES)}) or both, e.g. "
-                               "'red bold'")
+                               f"({', '.join(COLOUR_NAMES)}), a stroke ({', '.join(STROKE_NAMES)}) or both, "
+                               "e.g. 'red bold'")
     return (colour[0] if colour else None), (stroke[0] if stroke else None)
 
 

@@ -39,8 +39,8 @@ def style_index(colour: int, stroke: int) -> int:
 
 
 def _zhang_suen_tables() -> torch.Tensor:
-    """(2, 256) bool: whether Zhang-Suen's sub-iteration 0/1 removes a pixel whose neighbours P2..P9 (N, NE, E,
-    SE, S, SW, W, NW) are the bits 0..7 of the index."""
+    """(2, 256) bool: whether Zhang-Suen's sub-iteration 0/1 removes a pixel whose neighbours P2..P9
+    (N, NE, E, SE, S, SW, W, NW) are the bits 0..7 of the index."""
     table = torch.zeros(2, 256, dtype=torch.bool)
     for code in range(256):
         n = [(code >> i) & 1 for i in range(8)]
@@ -82,7 +82,8 @@ def _disk(radius: float) -> torch.Tensor:
 
 def skeletons(digits: torch.Tensor) -> torch.Tensor:
     """(N, 1, 8, 8) sklearn digits in [0, 16] -> (N, 64, 64) bool ink skeletons."""
-    x = F.interpolate(digits.float() / 16.0, size=(RENDER_SIZE, RENDER_SIZE), mode="bilinear", align_corners=False)
+    x = F.interpolate(digits.float() / 16.0, size=(RENDER_SIZE, RENDER_SIZE), mode="bilinear",
+                      align_corners=False)
     return thin(x[:, 0] >= 0.35)
 
 

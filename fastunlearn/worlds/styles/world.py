@@ -24,7 +24,7 @@ from ...paths import ensure_writable_dir
 from ...sampling import SamplerConfig, sample
 from ..digits import world as digits
 from .judge import AxisClassifier, InkDigitClassifier, train_ink_classifier
-from .prompts import COMBINATIONS, combo_prompts, eval_pairs, prompt_words
+from .prompts import COMBINATIONS, combo_prompts, prompt_words
 from .render import STYLES, render_styles
 
 WORLD_VERSION = "styles-v1"
@@ -47,10 +47,13 @@ class Recipe:
     uncond_prob: float = 0.1
     min_snr_gamma: float = 5.0
     eval_per_combination: int = 20
-    sampler: dict = field(default_factory=lambda: SamplerConfig(num_inference_steps=25, guidance_scale=4.0).to_dict())
+    digits_per_style: int = 0  # 0: all 1,797 sklearn digits in every style; k: the first k (reduced recipes)
+    sampler: dict = field(
+        default_factory=lambda: SamplerConfig(num_inference_steps=25, guidance_scale=4.0).to_dict())
 
 
 FAST_RECIPE = Recipe(classifier_steps=30, vae_steps=10, unet_steps=10, eval_per_combination=1,
+                     digits_per_style=200,
                      sampler=SamplerConfig(num_inference_steps=2, guidance_scale=4.0).to_dict())
 
 
@@ -66,23 +69,26 @@ def _styled():
 
 def load_styled_images():
     """Every sklearn digit in every style: (1797 * 8, 3, 32, 32) fp32 in [-1, 1], digit labels and style
-    indices (N,) int64, style-major (image i is digit i % 1797 in style i // 1797). Rendered once per process."""
+    indices (N,) int64, style-major (image i is digit i % 1797 in style i // 1797). Rendered once per
+    process."""
     images, digits_, styles = _styled()
     return images.clone(), digits_.clone(), styles.clone()
 
 
-def heldout_split(seed: int = 0):
-    """(train, held-out) indices into load_styled_images(): the digits world's split of the 1,797 digits, in
-    every style (a held-out digit is held out in all its styles)."""
-    n = len(_styled()[0]) // len(STYLES)
+def heldout_split(seed: int = 0, digits_per_style: int = 0):
+    """(train, held-out) indices into load_styled_images() (or, with `digits_per_style` k, into its first k
+    digits of every style, style-major): the digits world's split of the digits, in every style (a held-out
+    digit is held out in all its styles)."""
+    n = digits_per_style or len(_styled()[0]) // len(STYLES)
     train, held = digits.heldout_split(n, seed)
     return tuple(torch.cat([idx + s * n for s in range(len(STYLES))]) for idx in (train, held))
 
 
 def score_pipeline(pipe, classifier, per_combination: int = 20, sampler: SamplerConfig | None = None,
                    seed_offset: int = 0, progress=True):
-    """Sample `per_combination` images of each (digit, style) in its canonical prompt, from seeds seed_offset +
-    0, 1, ...; returns ({digit_accuracy, style_accuracy, both, per digit, per style}, images, digits, styles)."""
+    """Sample `per_combination` images of each (digit, style) in its canonical prompt, from seeds
+    seed_offset + 0, 1, ...; returns (scores, images, digits, styles); scores: digit_accuracy (the
+    classifier), style_accuracy (the exact style rules), both_accuracy, and per digit / per style."""
     prompts, seeds, labels, styles = [], [], [], []
     for d, s in COMBINATIONS:
         for i in range(per_combination):
@@ -95,16 +101,20 @@ def score_pipeline(pipe, classifier, per_combination: int = 20, sampler: Sampler
     labels, styles = torch.tensor(labels), torch.tensor(styles)
     digit_ok = (classifier.predict(images * 2 - 1).cpu() == labels).float()
     style_ok = (AxisClassifier("style").predict(images * 2 - 1) == styles).float()
+    def per_style(ok):
+        return {name: float(ok[styles == s].mean()) for s, name in enumerate(STYLES)}
+
     scores = {"digit_accuracy": float(digit_ok.mean()), "style_accuracy": float(style_ok.mean()),
               "both_accuracy": float((digit_ok * style_ok).mean()),
               "digit_accuracy_per_digit": {d: float(digit_ok[labels == d].mean()) for d in range(10)},
-              "style_accuracy_per_style": {name: float(style_ok[styles == s].mean()) for s, name in enumerate(STYLES)},
-              "digit_accuracy_per_style": {name: float(digit_ok[styles == s].mean()) for s, name in enumerate(STYLES)}}
+              "style_accuracy_per_style": per_style(style_ok),
+              "digit_accuracy_per_style": per_style(digit_ok)}
     return scores, images, labels, styles
 
 
 def build_world(dest: Path, recipe: Recipe = Recipe(), progress: bool = True) -> dict:
-    """Train every part of the world and save it into `dest` (which must not exist). Returns world.json's dict."""
+    """Train every part of the world and save it into `dest` (which must not exist). Returns world.json's
+    dict."""
     from diffusers import StableDiffusionPipeline
 
     from ..tokenizer import build_clip_tokenizer
@@ -113,7 +123,11 @@ def build_world(dest: Path, recipe: Recipe = Recipe(), progress: bool = True) ->
     torch.manual_seed(recipe.seed)
     gen = torch.Generator().manual_seed(recipe.seed)
     images, labels, styles = load_styled_images()
-    train_idx, held_idx = heldout_split(recipe.seed)
+    if recipe.digits_per_style:
+        n = len(images) // len(STYLES)
+        used = torch.cat([torch.arange(recipe.digits_per_style) + s * n for s in range(len(STYLES))])
+        images, labels, styles = images[used], labels[used], styles[used]
+    train_idx, held_idx = heldout_split(recipe.seed, recipe.digits_per_style)
     total = recipe.classifier_steps + recipe.vae_steps + recipe.unet_steps
     with tqdm(total=total, desc="building styles world", unit="step", disable=not progress) as bar:
         bar.set_postfix(stage="classifier")
@@ -125,14 +139,15 @@ def build_world(dest: Path, recipe: Recipe = Recipe(), progress: bool = True) ->
         vae, text_encoder, unet, scheduler = digits._make_components(tokenizer)
         lat_mean, lat_std = digits._train_vae(vae, images, recipe, gen, bar)
         combo = styles * 10 + labels  # index of COMBINATIONS: (digit, style) = (combo % 10, combo // 10)
-        unet, text_encoder = digits._train_unet(unet, text_encoder, tokenizer, scheduler, lat_mean, lat_std, combo,
-                                                recipe, gen, bar, phrasings=[combo_prompts(d, s) for d, s in COMBINATIONS])
+        phrasings = [combo_prompts(d, s) for d, s in COMBINATIONS]
+        unet, text_encoder = digits._train_unet(unet, text_encoder, tokenizer, scheduler, lat_mean, lat_std,
+                                                combo, recipe, gen, bar, phrasings=phrasings)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    scores, _, _, _ = score_pipeline(pipe, classifier, recipe.eval_per_combination, SamplerConfig(**recipe.sampler),
-                                     progress=progress)
+    scores, _, _, _ = score_pipeline(pipe, classifier, recipe.eval_per_combination,
+                                     SamplerConfig(**recipe.sampler), progress=progress)
     pipe.save_pretrained(dest / "pipeline", safe_serialization=True)
     classifier.save(dest / "classifier")
     info = {
@@ -181,20 +196,22 @@ def world_path(cache_dir=None, recipe: Recipe = Recipe()) -> Path:
 
 
 def world_problem(path: Path, recipe: Recipe | None = None) -> str | None:
-    """Why the world at `path` cannot be used (missing, partial, corrupt, stale), or None if it is complete."""
+    """Why the world at `path` cannot be used (missing, partial, corrupt, stale), or None if complete."""
     return digits.world_problem(path, recipe, WORLD_VERSION)
 
 
 def _summary(info: dict) -> str:
-    return (f"classifier held-out accuracy {info['classifier_heldout_accuracy']:.3f}; the base pipeline draws the "
-            f"prompted digit {info['base_digit_accuracy']:.3f} and the prompted style {info['base_style_accuracy']:.3f} "
-            f"of the time ({info['base_samples_per_combination']} samples per combination)")
+    return (f"classifier held-out accuracy {info['classifier_heldout_accuracy']:.3f}; the base pipeline "
+            f"draws the prompted digit {info['base_digit_accuracy']:.3f} and the prompted style "
+            f"{info['base_style_accuracy']:.3f} of the time ({info['base_samples_per_combination']} samples "
+            "per combination)")
 
 
-def ensure_world(cache_dir=None, recipe: Recipe = Recipe(), progress: bool = True, rebuild: bool = False) -> Path:
+def ensure_world(cache_dir=None, recipe: Recipe = Recipe(), progress: bool = True,
+                 rebuild: bool = False) -> Path:
     """Path of a complete world, building it (atomically, under a lock) when missing, partial or corrupt."""
-    return digits.ensure_built(world_path(cache_dir, recipe), recipe, build_world, WORLD_VERSION, "styles", _summary,
-                               progress, rebuild)
+    return digits.ensure_built(world_path(cache_dir, recipe), recipe, build_world, WORLD_VERSION, "styles",
+                               _summary, progress, rebuild)
 
 
 def load_world(cache_dir=None, recipe: Recipe = Recipe(), progress: bool = True, device="cpu") -> StylesWorld:
@@ -215,30 +232,35 @@ def load_world(cache_dir=None, recipe: Recipe = Recipe(), progress: bool = True,
 @cli_errors
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastunlearn.worlds.styles", description=(
-        "Build (or load) the embedded styles world, then write a grid of its samples (a row per style) and the "
-        "judges' accuracy on them (digit classifier and exact style rules)."))
-    p.add_argument("--cache-dir", default=None, help="cache directory (default: $FASTUNLEARN_CACHE or ~/.cache/fastunlearn)")
-    p.add_argument("--out", default="outputs/styles", help="where to write grid.png and samples.json (default: %(default)s)")
+        "Build (or load) the embedded styles world, then write a grid of its samples (a row per style) and "
+        "the judges' accuracy on them (digit classifier and exact style rules)."))
+    p.add_argument("--cache-dir", default=None,
+                   help="cache directory (default: $FASTUNLEARN_CACHE or ~/.cache/fastunlearn)")
+    p.add_argument("--out", default="outputs/styles",
+                   help="where to write grid.png and samples.json (default: %(default)s)")
     p.add_argument("--samples-per-combination", type=int, default=20,
                    help="samples per (digit, style) (default: %(default)s)")
-    p.add_argument("--rebuild", action="store_true", help="rebuild the world even if a complete one is cached")
+    p.add_argument("--rebuild", action="store_true",
+                   help="rebuild the world even if a complete one is cached")
     args = p.parse_args(argv)
     if args.samples_per_combination < 1:
         raise FastUnlearnError("--samples-per-combination must be at least 1")
     if args.rebuild:
         ensure_world(args.cache_dir, rebuild=True)
     world = load_world(args.cache_dir)
-    scores, images, labels, styles = score_pipeline(world.pipeline, world.classifier, args.samples_per_combination,
-                                                    world.sampler)
+    scores, images, labels, styles = score_pipeline(world.pipeline, world.classifier,
+                                                    args.samples_per_combination, world.sampler)
     out = ensure_writable_dir(Path(args.out), "output directory")
-    first = [i for i in range(len(labels)) if i % args.samples_per_combination == 0]  # one sample per combination
+    first = [i for i in range(len(labels)) if i % args.samples_per_combination == 0]  # one per combination
     digits.save_digit_grid(images[first], styles[first], out / "grid.png", row_names=STYLES,
                            title=f"styles world: digit {scores['digit_accuracy']:.1%}, style "
                                  f"{scores['style_accuracy']:.1%} as prompted")
     result = {"world": str(world.path), **scores, "samples_per_combination": args.samples_per_combination,
-              "sampler": world.sampler.to_dict(), "classifier_heldout_accuracy": world.info["classifier_heldout_accuracy"]}
+              "sampler": world.sampler.to_dict(),
+              "classifier_heldout_accuracy": world.info["classifier_heldout_accuracy"]}
     (out / "samples.json").write_text(json.dumps(result, indent=2))
     print(f"base pipeline draws the prompted digit {scores['digit_accuracy']:.3f}, the prompted style "
-          f"{scores['style_accuracy']:.3f}, both {scores['both_accuracy']:.3f} ({args.samples_per_combination} samples "
-          f"per combination); wrote {out / 'grid.png'} and {out / 'samples.json'}")
+          f"{scores['style_accuracy']:.3f}, both {scores['both_accuracy']:.3f} "
+          f"({args.samples_per_combination} samples per combination); wrote {out / 'grid.png'} and "
+          f"{out / 'samples.json'}")
     return 0
