@@ -152,7 +152,7 @@ class Evaluator:
         if hasattr(self.perceptual, "embed"):
             out["fid_retain"] = frechet_distance(self.perceptual.embed(t_imgs["retain"]),
                                                  self.perceptual.embed(s_imgs["retain"]))
-            out["fid_network"] = "fid-digits"
+            out["fid_network"] = getattr(self.perceptual, "fid_name", "fid-digits")
         elif self.fid is not None and min(len(t_imgs["retain"]), len(s_imgs["retain"])) >= 2:
             if self._fid_teacher is None:
                 self._fid_teacher = self.fid.embed(t_imgs["retain"])

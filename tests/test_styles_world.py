@@ -253,3 +253,31 @@ def test_styles_is_a_registered_world_with_a_forget_style_flag():
     with pytest.raises(FastUnlearnError, match="not a style"):
         World().prompts(None, None, type("C", (), {"forget_style": "purple", "forget_digit": 3})())
     assert len(World().eval_prompts()) == 10 * len(STYLES) and COLOUR_NAMES[0] == "red"
+
+
+@pytest.mark.parametrize("task", [["--forget-style", "red"], ["--forget-digit", "3"]])
+def test_trainer_reports_the_two_axis_metrics(fast_world, tmp_path, monkeypatch, task):
+    """`--model styles` through the trainer on the reduced world: the report carries unlearning accuracy,
+    in-domain and cross-domain retain accuracy, and I_retain per neighbour group (the figures of a 2-step
+    run on the FAST world mean nothing; their presence and ranges are what is checked)."""
+    from conftest import SMALL
+
+    from fastunlearn.train import main
+
+    cache, _ = fast_world
+    monkeypatch.setattr(World, "default_recipe", FAST_RECIPE)
+    out = tmp_path / "out"
+    main(["--model", "styles", *task, *SMALL, "--method", "saddle", "--output-dir", str(out),
+          "--max-steps", "2", "--set", f"cache_dir={cache}", "--set", "eval.forget_samples=8",
+          "--set", "forget_samples_per_prompt=1", "--set", "retain_samples_per_prompt=1"])
+    report = json.loads((out / "report.json").read_text())
+    group = "style" if task[0] == "--forget-style" else "digit"
+    assert report["task"] == group and report["world"].startswith("styles")
+    for key in ("unlearning_accuracy", "in_domain_retain_accuracy", "cross_domain_retain_accuracy",
+                "cross_domain_forget_accuracy", "base_cross_domain_retain_accuracy", "forget_accuracy"):
+        assert 0 <= report[key] <= 1, key
+    assert report["unlearning_accuracy"] == pytest.approx(1 - report["forget_accuracy"])
+    groups = set(report[f"integrity_retain_by_{group}"])
+    assert groups == set(report[f"cross_domain_retain_accuracy_by_{group}"])
+    assert len(groups) == (6 if group == "style" else 9)
+    assert report["perceptual_network"] == "lpips-styles" and report["fid_network"] == "fid-styles"

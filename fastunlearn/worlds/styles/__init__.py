@@ -89,9 +89,10 @@ class World:
     name = "styles"
     guidance_scale = 4.0
     TRAINED_PHRASINGS = 3
+    default_recipe = Recipe()  # what `--model styles` builds; tests of the trainer set FAST_RECIPE here
 
-    def __init__(self, cache_dir=None, recipe: Recipe = Recipe()):
-        self.cache_dir, self.recipe = cache_dir, recipe
+    def __init__(self, cache_dir=None, recipe: Recipe | None = None):
+        self.cache_dir, self.recipe = cache_dir, recipe if recipe is not None else self.default_recipe
 
     def pipeline_path(self) -> Path:
         return ensure_world(self.cache_dir, self.recipe) / "pipeline"
@@ -203,7 +204,13 @@ class World:
         concept = (f"digit {info['forget_digit']} in every style" if info["task"] == "digit"
                    else f"{info['forget_style']} in every digit")
         other = "style" if info["task"] == "digit" else "digit"
+        if info["task"] == "digit":
+            judge = "in-domain: the styles world's digit classifier; cross-domain: the exact style rules"
+        else:
+            judge = (f"in-domain: the exact style rules ({self.sets(info, 1, 1)['axis']}); cross-domain: the "
+                     "styles world's digit classifier")
         return {**info, "world": "styles (fastunlearn embedded world)", "forget_concept": concept,
+                "judge": judge,
                 "metric_definitions": {
                     "unlearning_accuracy": "1 - forget_accuracy: share of forget samples not judged "
                                            f"{concept}",

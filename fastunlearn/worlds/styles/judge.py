@@ -86,6 +86,7 @@ class StylesPerceptual(DigitsPerceptual):
     average-pooled to 8x8 (its channel-normalised colour: the hue of the ink), all with uniform weights."""
 
     name = "lpips-styles"
+    fid_name = "fid-styles"
 
     def __init__(self, classifier):
         super().__init__(classifier)
