@@ -29,6 +29,7 @@ COLOURS = {  # max channel 1 each: the ink map does not depend on the colour
 STROKES = {"thin": 1.5, "bold": 4.5}  # pen radius in pixels of the 64x64 drawing
 COLOUR_NAMES, STROKE_NAMES = list(COLOURS), list(STROKES)
 STYLES = [f"{c} {s}" for c in COLOUR_NAMES for s in STROKE_NAMES]  # style index = 2 * colour + stroke
+SKELETON_THRESHOLD = 0.5  # binarising the upsampled digit; 0.35 fills more small loops (8s thinned to 1s)
 INK_THRESHOLD = 0.5
 STROKE_THRESHOLD = 1.25  # renders: thin 1.00-1.09, bold 1.47-2.4 (docs/worlds-styles.md)
 MAX_DEPTH = 8
@@ -84,7 +85,7 @@ def skeletons(digits: torch.Tensor) -> torch.Tensor:
     """(N, 1, 8, 8) sklearn digits in [0, 16] -> (N, 64, 64) bool ink skeletons."""
     x = F.interpolate(digits.float() / 16.0, size=(RENDER_SIZE, RENDER_SIZE), mode="bilinear",
                       align_corners=False)
-    return thin(x[:, 0] >= 0.35)
+    return thin(x[:, 0] >= SKELETON_THRESHOLD)
 
 
 def draw(skel: torch.Tensor, stroke: str) -> torch.Tensor:
