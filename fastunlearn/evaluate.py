@@ -457,8 +457,8 @@ def main(argv=None) -> int:
                                                     if at[g] else None)
             report["judge"] = f"{world.name} world classifier: the share of images drawn as their prompt's concept"
         if rater is not None and forget:
-            by_prompt = lambda g: ([all_prompts[i] for i in at[g]], [s for _, _, s in (pairs[i] for i in at[g])])  # noqa: E731
-            rates = Evaluator(None, by_prompt("forget"), by_prompt("retain"), sampler, judge=rater)
+            sets = {g: ([all_prompts[i] for i in at[g]], [pairs[i][2] for i in at[g]]) for g in ("forget", "retain")}
+            rates = Evaluator(None, sets["forget"], sets["retain"], sampler, judge=rater)
             for who, key in (("", "student_images"), ("base_", "teacher_images")):
                 got = rates.judged(res[key][at["forget"]], res[key][at["retain"]])
                 report[f"{who}forget_rate"], report[f"{who}retain_rate"] = got["forget_rate"], got["retain_rate"]

@@ -75,10 +75,10 @@ def _shift(x, max_shift, gen):
 
 
 def _features(model, ids, mask, pixels):
-    def tensor(o):
-        return o if isinstance(o, torch.Tensor) else o.pooler_output
-    img = tensor(model.get_image_features(pixel_values=pixels))
-    txt = tensor(model.get_text_features(input_ids=ids, attention_mask=mask))
+    from ...metrics import CLIPScore
+
+    img = CLIPScore._tensor(model.get_image_features(pixel_values=pixels))
+    txt = CLIPScore._tensor(model.get_text_features(input_ids=ids, attention_mask=mask))
     return F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
 
 
@@ -156,7 +156,7 @@ def build_clip(dest: Path, recipe: ClipRecipe = ClipRecipe(), progress: bool = T
 
 def clip_problem(path: Path) -> str | None:
     """Why the CLIP folder at `path` cannot be used, or None."""
-    from .world import _sha256
+    from .world import _files_problem
 
     manifest = path / "clip.json"
     if not manifest.is_file():
@@ -168,12 +168,7 @@ def clip_problem(path: Path) -> str | None:
         return "corrupt clip.json"
     if info.get("version") != CLIP_VERSION or info.get("recipe") != asdict(ClipRecipe()):
         return "built by another version"
-    for rel, digest in files.items():
-        if not (path / rel).is_file():
-            return f"partial ({rel} missing)"
-        if _sha256(path / rel) != digest:
-            return f"corrupt ({rel} does not match its checksum)"
-    return None
+    return _files_problem(path, files)
 
 
 def ensure_clip(world: Path, progress: bool = True) -> Path:

@@ -239,6 +239,16 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _files_problem(root: Path, files: dict[str, str]) -> str | None:
+    """Why the files a manifest lists under `root` ({relative path: sha256}) are unusable, or None."""
+    for rel, digest in files.items():
+        if not (root / rel).is_file():
+            return f"partial ({rel} missing)"
+        if _sha256(root / rel) != digest:
+            return f"corrupt ({rel} does not match its checksum)"
+    return None
+
+
 def _file_hashes(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): _sha256(p) for p in sorted(root.rglob("*"))
             if p.is_file() and p.name != "world.json"}
@@ -328,13 +338,7 @@ def world_problem(path: Path, recipe: Recipe | None = None, version: str = WORLD
         return f"built by another version ({info.get('version')})"
     if recipe is not None and info.get("recipe") != asdict(recipe):
         return "built with another recipe"
-    for rel, digest in files.items():
-        f = path / rel
-        if not f.is_file():
-            return f"partial ({rel} missing)"
-        if _sha256(f) != digest:
-            return f"corrupt ({rel} does not match its checksum)"
-    return None
+    return _files_problem(path, files)
 
 
 @contextmanager
