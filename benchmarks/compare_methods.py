@@ -1,14 +1,19 @@
 #!/usr/bin/env python
-"""Every method on the digits world with the same seed, data and step budget.
+"""Every method on an embedded world with the same seed, data and step budget.
 
     python benchmarks/compare_methods.py                       # all methods, 400 steps (~28 min, 2 cores)
     python benchmarks/compare_methods.py --methods saddle,ovw --max-steps 200
     python benchmarks/compare_methods.py --run saddle-ga=saddle,saddle.dual=ga,saddle.lambda_init=1 \
         --run saddle --run ovw --seeds 0,1 --forget-digits 3,5   # variants, seeds and digits
+    python benchmarks/compare_methods.py --world styles        # styles world: erase red ink, and the 3
+    python benchmarks/compare_methods.py --world styles --forget-styles red,bold --forget-digits ""
 
 Each run is `fastunlearn/train.py` in its own process; the tables (Markdown) and plots go to --out:
 I_retain against forget accuracy and against the step, and Saddle's λ beside I_retain, one
-figure per (digit, seed). With --attack every unlearned pipeline is also attacked (Concept Inversion,
+figure per (task, seed). In the styles world (docs/worlds-styles.md) a task is a style (`--forget-styles`)
+or a digit in every style (`--forget-digits`), and the table has unlearning accuracy and in- and cross-domain
+retain accuracy with their 95 % intervals, I_retain per neighbour group, and the pairs of methods whose 95 %
+intervals on a metric do not overlap. With --reuse, a run whose report.json exists is read, not rerun. With --attack every unlearned pipeline is also attacked (Concept Inversion,
 1,000 steps) and the table gains the forget accuracy under attack; the same attack on the original
 pipeline is the control (docs/attacks.md).
 """
@@ -19,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import math
 import time
 from pathlib import Path
 
@@ -39,10 +45,29 @@ def parse_run(text: str) -> tuple[str, str, list[str]]:
     return label, method, [a for kv in sets for a in ("--set", kv)]
 
 
-def run_method(label: str, method: str, sets: list[str], digit: int, seed: int, args) -> dict:
-    out = Path(args.out) / f"{label}-d{digit}-s{seed}"
-    cmd = [sys.executable, str(ROOT / "fastunlearn" / "train.py"), "--method", method, "--max-steps",
-           str(args.max_steps), "--seed", str(seed), "--forget-digit", str(digit),
+def task_name(task: tuple[str, object]) -> str:
+    """("digit", 3) -> "d3"; ("style", "red bold") -> "red-bold" (the run folder's middle part)."""
+    kind, value = task
+    return f"d{value}" if kind == "digit" else str(value).replace(" ", "-")
+
+
+def task_of(r: dict) -> str:
+    """The task of a report, as in the tables: "3" (a digit), or a style name."""
+    return str(r["forget_style"]) if r.get("task") == "style" else str(r.get("forget_digit", "—"))
+
+
+def run_method(label: str, method: str, sets: list[str], task: tuple[str, object], seed: int, args) -> dict:
+    out = Path(args.out) / f"{label}-{task_name(task)}-s{seed}"
+    report_file = out / "report.json"
+    if args.reuse and report_file.is_file():
+        report = json.loads(report_file.read_text())
+        report.update(label=label, seed=seed, settings=sets[1::2])
+        print(f"compare: reusing {report_file}", flush=True)
+        return report
+    kind, value = task
+    cmd = [sys.executable, str(ROOT / "fastunlearn" / "train.py"), "--model", args.world, "--method", method,
+           "--max-steps", str(args.max_steps), "--seed", str(seed),
+           "--forget-digit" if kind == "digit" else "--forget-style", str(value),
            "--output-dir", str(out), "--overwrite", *sets, *args.extra]
     if args.eval_every is not None:
         cmd += ["--set", f"eval.every={args.eval_every}"]
@@ -51,10 +76,10 @@ def run_method(label: str, method: str, sets: list[str], digit: int, seed: int, 
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.exit(f"compare: {label} failed:\n{proc.stderr[-3000:]}")
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads(report_file.read_text())
     report.update(label=label, seed=seed, settings=sets[1::2], process_wall_s=round(time.time() - t0, 1))
     if args.attack:
-        report["attack"] = attack(out, digit, args.attack_steps)
+        report["attack"] = attack(out, value, args.attack_steps)
     return report
 
 
@@ -79,9 +104,90 @@ def label(r: dict) -> str:
 
 
 def same_run_of(reports: list[dict], r: dict, name: str) -> dict | None:
-    """The run labelled `name` with r's digit and seed."""
-    return next((o for o in reports if label(o) == name and o.get("forget_digit") == r.get("forget_digit")
+    """The run labelled `name` with r's task and seed."""
+    return next((o for o in reports if label(o) == name and task_of(o) == task_of(r)
                  and o.get("seed") == r.get("seed")), None)
+
+
+def wilson(p: float | None, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    """The Wilson 95 % interval of a share p of n samples (not degenerate at 0 or 1, unlike p ± 1.96·√(p(1−p)/n))."""
+    if p is None or not n:
+        return None
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))  # p inside despite rounding
+
+
+def intervals(r: dict) -> dict[str, tuple[float, float, float]]:
+    """Metric -> (value, low, high) of a styles-world report: accuracies with Wilson intervals over the evaluation's
+    samples, I_retain with the report's normal half-width."""
+    n_forget = r["eval"]["forget_samples"]
+    n_retain = r["eval"]["retain_samples"]
+    out = {}
+    for key, n in (("unlearning_accuracy", n_forget), ("in_domain_retain_accuracy", n_retain),
+                   ("cross_domain_retain_accuracy", n_retain), ("cross_domain_forget_accuracy", n_forget)):
+        if r.get(key) is not None:
+            out[key] = (r[key], *wilson(r[key], n))
+    if r.get("integrity_retain") is not None:
+        h = r.get("integrity_retain_ci95") or 0.0
+        out["integrity_retain"] = (r["integrity_retain"], r["integrity_retain"] - h, r["integrity_retain"] + h)
+    return out
+
+
+def separated(reports: list[dict]) -> list[str]:
+    """For every task, metric and pair of runs (same seed): the pairs whose 95 % intervals do not overlap."""
+    lines = []
+    for i, a in enumerate(reports):
+        for b in reports[i + 1:]:
+            if task_of(a) != task_of(b) or a.get("seed") != b.get("seed"):
+                continue
+            ia, ib = intervals(a), intervals(b)
+            for key in ia.keys() & ib.keys():
+                (va, la, ha), (vb, lb, hb) = ia[key], ib[key]
+                if ha < lb or hb < la:
+                    lo, hi = (a, b) if va < vb else (b, a)
+                    lines.append(f"| {task_of(a)} | {key} | {label(lo)} {fmt(min(va, vb))} < {label(hi)} {fmt(max(va, vb))} |")
+    return sorted(lines)
+
+
+def ci_cell(r: dict, key: str) -> str:
+    v = intervals(r).get(key)
+    return "—" if v is None else f"{fmt(v[0], 2)} [{fmt(v[1], 2)}, {fmt(v[2], 2)}]"
+
+
+def table_styles(reports: list[dict]) -> str:
+    """The styles world's table: UnlearnCanvas' metrics (unlearning accuracy, in-domain and cross-domain retain
+    accuracy) with Wilson 95 % intervals, I_retain with its normal 95 % half-width, then per neighbour group."""
+    lines = ["| run | task | seed | unlearning acc (base) | in-domain retain acc (base) | cross-domain retain acc (base) | "
+             "cross-domain forget acc | I_retain ± 95 % | I_forget | FID (fid-styles, retain) | steps_to_converge | "
+             "wall time (s) |", "|---" * 12 + "|"]
+    for r in reports:
+        base_ua = 1 - r["base_forget_accuracy"] if r.get("base_forget_accuracy") is not None else None
+        conv = r.get("steps_to_converge")
+        lines.append(
+            f"| {label(r)} | {task_of(r)} | {r.get('seed', '—')} | {ci_cell(r, 'unlearning_accuracy')} ({fmt(base_ua, 2)}) | "
+            f"{ci_cell(r, 'in_domain_retain_accuracy')} ({fmt(r.get('base_retain_accuracy'), 2)}) | "
+            f"{ci_cell(r, 'cross_domain_retain_accuracy')} ({fmt(r.get('base_cross_domain_retain_accuracy'), 2)}) | "
+            f"{ci_cell(r, 'cross_domain_forget_accuracy')} | {fmt(r['integrity_retain'])} ± {fmt(r['integrity_retain_ci95'])} | "
+            f"{fmt(r['integrity_forget'])} | {fmt(r.get('fid_retain'), 2)} | {conv if conv is not None else '—'} | "
+            f"{r['wall_time_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def table_by_group(reports: list[dict]) -> str:
+    """Styles world, per task: I_retain / in-domain retain acc / cross-domain retain acc of every neighbour group."""
+    blocks = []
+    for task in dict.fromkeys(task_of(r) for r in reports):
+        rs = [r for r in reports if task_of(r) == task]
+        key = "style" if rs[0].get("task") == "style" else "digit"
+        groups = list(rs[0].get(f"integrity_retain_by_{key}") or {})
+        lines = [f"Task {task}: per neighbour {key}, I_retain / in-domain retain acc / cross-domain retain acc\n",
+                 "| run | seed | " + " | ".join(groups) + " |", "|---" * (2 + len(groups)) + "|"]
+        for r in rs:
+            i, a, c = (r.get(f"{m}_by_{key}") or {} for m in ("integrity_retain", "retain_accuracy", "cross_domain_retain_accuracy"))
+            cells = [f"{fmt(i.get(g))} / {fmt(a.get(g), 2)} / {fmt(c.get(g), 2)}" for g in groups]
+            lines.append(f"| {label(r)} | {r.get('seed', '—')} | " + " | ".join(cells) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 def table(reports: list[dict]) -> str:
@@ -116,7 +222,7 @@ def table_by_digit(reports: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(reports: list[dict], path: Path) -> None:
+def plot(reports: list[dict], path: Path, world: str = "digits") -> None:
     """Left: I_retain against forget accuracy over training (one line per run, arrow to the end).
     Middle: I_retain against the training step. Log scale: GA's I_retain is ~50x Saddle's.
     Right: λ of every Saddle run over the steps (solid), its in-training I_retain (dashed, right axis)."""
@@ -148,10 +254,10 @@ def plot(reports: list[dict], path: Path) -> None:
     ax.text(0.102, 0.02, "forget criterion 0.10", fontsize=7, color="grey", rotation=90, transform=ax.get_xaxis_transform())
     for a_ in (ax, bx):
         a_.set_yscale("log")
-        a_.set_ylabel("I_retain (lpips-digits, in-training set; lower = integrity kept)")
+        a_.set_ylabel(f"I_retain (lpips-{world}, in-training set; lower = integrity kept)")
         a_.legend(fontsize=8)
         a_.grid(alpha=0.3, which="both")
-    ax.set_xlabel("forget accuracy (share of forget samples read as the digit; lower = forgotten)")
+    ax.set_xlabel("forget accuracy (share of forget samples judged as the concept; lower = forgotten)")
     ax.set_title("integrity vs forgetting over training (arrow: last evaluation)", fontsize=9)
     bx.set_xlabel("training step (dotted: steps_to_converge)")
     bx.set_title("I_retain over training", fontsize=9)
@@ -164,8 +270,11 @@ def plot(reports: list[dict], path: Path) -> None:
     if cx.get_legend_handles_labels()[0]:
         cx.legend(fontsize=8)
     r0 = reports[0]
-    fig.suptitle(f"digits world, forget the {r0.get('forget_digit', 3)}, seed {r0.get('seed', 0)}: same data and "
-                 "step budget for every run", fontsize=10)
+    what = f"the {task_of(r0)}" if r0.get("task") != "style" else f"{task_of(r0)} (every digit)"
+    if world == "styles" and r0.get("task") != "style":
+        what += " (every style)"
+    fig.suptitle(f"{world} world, forget {what}, seed {r0.get('seed', 0)}: same data and step budget for every run",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -179,36 +288,69 @@ def main() -> int:
     p.add_argument("--max-steps", type=int, default=400)
     p.add_argument("--eval-every", type=int, default=None, help="default: the trainer's (eval.every, eval.early_every)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds")
-    p.add_argument("--forget-digits", default="3", help="comma-separated digits")
-    p.add_argument("--out", default="outputs/compare", help="runs, table.md and curves.png go here")
+    p.add_argument("--world", choices=("digits", "styles"), default="digits", help="the embedded world (default digits)")
+    p.add_argument("--forget-digits", default=None,
+                   help="comma-separated digits (default 3; in the styles world a digit in every style, \"\" for none)")
+    p.add_argument("--forget-styles", default=None,
+                   help="styles world: comma-separated styles to erase in every digit (default red; \"\" for none)")
+    p.add_argument("--out", default=None, help="runs, table.md and curves.png go here (default outputs/compare[-styles])")
     p.add_argument("--replot", action="store_true", help="redraw table.md and curves.png from --out/reports.json")
+    p.add_argument("--reuse", action="store_true", help="read a run whose report.json exists in --out instead of rerunning it")
     p.add_argument("--attack", action="store_true", help="also attack every unlearned pipeline with Concept Inversion "
                                                            "(docs/attacks.md) and report forget accuracy under attack")
     p.add_argument("--attack-steps", type=int, default=1000)
     p.add_argument("extra", nargs="*", help="extra train.py arguments after --, e.g. -- --set lr=1e-4")
     args = p.parse_args()
+    styles = args.world == "styles"
+    if args.forget_styles is not None and not styles:
+        sys.exit("compare: --forget-styles needs --world styles")
+    if args.attack and styles:
+        sys.exit("compare: --attack supports the digits world only (fastunlearn.attack)")
+    args.out = args.out or ("outputs/compare-styles" if styles else "outputs/compare")
     runs = [parse_run(r) for r in args.run] or [(m.strip(), m.strip(), []) for m in args.methods.split(",") if m.strip()]
     unknown = sorted({m for _, m, _ in runs} - set(METHODS))
     if unknown:
         sys.exit(f"compare: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     seeds = [int(x) for x in args.seeds.split(",")]
-    digits = [int(x) for x in args.forget_digits.split(",")]
+    try:
+        digits = [int(x) for x in (args.forget_digits if args.forget_digits is not None else "3").split(",") if x.strip()]
+    except ValueError:
+        sys.exit(f"compare: --forget-digits must be comma-separated digits, got {args.forget_digits!r}")
+    tasks = [("digit", d) for d in digits]
+    if styles:
+        from fastunlearn.errors import FastUnlearnError
+        from fastunlearn.worlds.styles import parse_style, style_name
+
+        names = (args.forget_styles if args.forget_styles is not None else "red").split(",")
+        try:
+            tasks = [("style", style_name(*parse_style(x.strip()))) for x in names if x.strip()] + tasks
+        except FastUnlearnError as e:
+            sys.exit(f"compare: {e}")
+    if not tasks:
+        sys.exit("compare: nothing to forget (no --forget-digits and no --forget-styles)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     reports = json.loads((out / "reports.json").read_text()) if args.replot else []
-    for digit in [] if args.replot else digits:
+    for task in [] if args.replot else tasks:
         for seed in seeds:
             for lbl, method, sets in runs:
-                print(f"compare: running {lbl} (digit {digit}, seed {seed}) ...", flush=True)
-                reports.append(run_method(lbl, method, sets, digit, seed, args))
+                print(f"compare: running {lbl} ({task[0]} {task[1]}, seed {seed}) ...", flush=True)
+                reports.append(run_method(lbl, method, sets, task, seed, args))
                 (out / "reports.json").write_text(json.dumps(reports, indent=2))  # a cut-off sweep keeps its runs
-    md = table(reports) + "\n\nPer retained digit (final evaluation): I_retain / retain accuracy\n\n" + table_by_digit(reports)
+    styles = styles or any(r.get("task") for r in reports)
+    if styles:
+        sep = separated(reports)
+        md = (table_styles(reports) + "\n\n" + table_by_group(reports) +
+              "\n\nPairs of runs (same task and seed) whose 95 % intervals do not overlap:\n\n| task | metric | runs |\n|---|---|---|\n"
+              + ("\n".join(sep) if sep else "| — | — | none |"))
+    else:
+        md = table(reports) + "\n\nPer retained digit (final evaluation): I_retain / retain accuracy\n\n" + table_by_digit(reports)
     (out / "table.md").write_text(md + "\n")
     (out / "reports.json").write_text(json.dumps(reports, indent=2))
-    groups = list(dict.fromkeys((r.get("forget_digit"), r.get("seed")) for r in reports))
-    for i, (d, sd) in enumerate(groups):
-        name = "curves.png" if i == 0 else f"curves-d{d}-s{sd}.png"
-        plot([r for r in reports if (r.get("forget_digit"), r.get("seed")) == (d, sd)], out / name)
+    groups = list(dict.fromkeys((task_of(r), r.get("seed")) for r in reports))
+    for i, (t, sd) in enumerate(groups):
+        name = "curves.png" if i == 0 else f"curves-{'d' + t if t.isdigit() else t.replace(' ', '-')}-s{sd}.png"
+        plot([r for r in reports if (task_of(r), r.get("seed")) == (t, sd)], out / name, "styles" if styles else "digits")
     print(md)
     print(f"wrote {out / 'table.md'} and {len(groups)} figure(s) in {out}")
     return 0

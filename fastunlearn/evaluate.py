@@ -170,6 +170,8 @@ class Evaluator:
 
 def save_comparison_grid(path, rows, title=None):
     """rows: list of (label, teacher images (S,3,H,W), student images (S,3,H,W)); two image rows per entry."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -186,7 +188,7 @@ def save_comparison_grid(path, rows, title=None):
                 ax.set_yticks([])
                 if c < len(imgs):
                     ax.imshow(imgs[c].permute(1, 2, 0).clamp(0, 1).float().numpy(), interpolation="nearest")
-            axes[2 * r + k][0].set_ylabel(f"{label}\n{name}" if k == 0 else name, rotation=0, ha="right",
+            axes[2 * r + k][0].set_ylabel(f"{textwrap.fill(label, 34)}\n{name}" if k == 0 else name, rotation=0, ha="right",
                                           va="center", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
@@ -268,15 +270,23 @@ def training_evaluator(e, teacher_pipe, forget, retain, final: bool, world=None,
 
 def comparison_rows(evaluator: Evaluator, teacher_images: dict, student_images: dict, per_row: int) -> list:
     """Rows of (label, teacher images, student images) for a grid: the first forget prompt and up to three
-    retain prompts spread over the set, `per_row` seeds each."""
+    retain prompts spread over the set, `per_row` seeds each. Where every prompt has fewer samples than a row
+    (a world that spreads its samples over many prompts, like styles), a row is a group instead: the first
+    `per_row` forget samples, and up to three retain groups (`retain_groups`, e.g. a style) spread over the set."""
     rows = []
     for kind in ("forget", "retain"):
-        prompts = evaluator.forget[0] if kind == "forget" else evaluator.retain[0]
-        unique = list(dict.fromkeys(prompts))
+        prompts = list(evaluator.forget[0] if kind == "forget" else evaluator.retain[0])
+        keys, name = prompts, None
+        if max(map(prompts.count, set(prompts)), default=0) < min(per_row, len(prompts)):
+            groups = evaluator.retain_groups if kind == "retain" else evaluator.forget_groups
+            keys = [str(g) for g in groups] if groups is not None else ["all"] * len(prompts)
+            name = evaluator.group_key if kind == "retain" and groups is not None else None
+        unique = list(dict.fromkeys(keys))
         shown = unique[:1] if kind == "forget" else unique[:: max(1, len(unique) // 3)][:3]
-        for p in shown:
-            idx = [i for i, q in enumerate(prompts) if q == p][:per_row]
-            rows.append((f"{kind}: {p}", teacher_images[kind][idx], student_images[kind][idx]))
+        for k in shown:
+            idx = [i for i, q in enumerate(keys) if q == k][:per_row]
+            what = k if keys is prompts else (f"{name} {k}" if name else f"{len(idx)} prompts, first: {prompts[idx[0]]}")
+            rows.append((f"{kind}: {what}", teacher_images[kind][idx], student_images[kind][idx]))
     return rows
 
 
