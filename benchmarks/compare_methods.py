@@ -145,7 +145,8 @@ def separated(reports: list[dict]) -> list[str]:
                 (va, la, ha), (vb, lb, hb) = ia[key], ib[key]
                 if ha < lb or hb < la:
                     lo, hi = (a, b) if va < vb else (b, a)
-                    lines.append(f"| {task_of(a)} | {key} | {label(lo)} {fmt(min(va, vb))} < {label(hi)} {fmt(max(va, vb))} |")
+                    lines.append(f"| {task_of(a)} | {a.get('seed', '—')} | {key} | {label(lo)} {fmt(min(va, vb))} < "
+                                 f"{label(hi)} {fmt(max(va, vb))} |")
     return sorted(lines)
 
 
@@ -341,8 +342,8 @@ def main() -> int:
     if styles:
         sep = separated(reports)
         md = (table_styles(reports) + "\n\n" + table_by_group(reports) +
-              "\n\nPairs of runs (same task and seed) whose 95 % intervals do not overlap:\n\n| task | metric | runs |\n|---|---|---|\n"
-              + ("\n".join(sep) if sep else "| — | — | none |"))
+              "\n\nPairs of runs (same task and seed) whose 95 % intervals do not overlap:\n\n| task | seed | metric | runs |\n"
+              "|---|---|---|---|\n" + ("\n".join(sep) if sep else "| — | — | — | none |"))
     else:
         md = table(reports) + "\n\nPer retained digit (final evaluation): I_retain / retain accuracy\n\n" + table_by_digit(reports)
     (out / "table.md").write_text(md + "\n")
