@@ -7,6 +7,12 @@ from __future__ import annotations
 
 import torch
 
+# train.py arguments that make a run as small as it gets (batches of 2, 2 sampling steps, no in-training evaluation)
+SMALL = ["--set", "forget_batch_size=2", "--set", "retain_batch_size=2", "--set", "forget_samples_per_prompt=2",
+         "--set", "retain_samples_per_prompt=2", "--set", "sample_steps=2", "--set", "eval.forget_samples=2",
+         "--set", "eval.retain_samples_per_prompt=1", "--set", "eval.num_inference_steps=2",
+         "--set", "saddle.g0_batches=1", "--set", "eval.grid_seeds=2", "--set", "eval.every=0"]
+
 WORDS = ["a", "photo", "of", "cat", "dog", "car", "tree", "house", "painting", "in", "the", "style",
          "van", "gogh", "picasso", "church", "fish", "parachute", "golf", "ball"]
 

@@ -39,10 +39,7 @@ def digits_world():
 
 
 # Settings that make a run on the tiny fixtures take seconds.
-SMALL = ["--set", "forget_batch_size=2", "--set", "retain_batch_size=2", "--set", "forget_samples_per_prompt=2",
-         "--set", "retain_samples_per_prompt=2", "--set", "sample_steps=2", "--set", "eval.forget_samples=2",
-         "--set", "eval.retain_samples_per_prompt=1", "--set", "eval.num_inference_steps=2",
-         "--set", "saddle.g0_batches=1", "--set", "eval.grid_seeds=2", "--set", "eval.every=0"]
+from fastunlearn.testing import SMALL  # noqa: E402  (tests import helpers from fastunlearn.testing, never from conftest)
 
 
 @pytest.fixture()

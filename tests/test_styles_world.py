@@ -260,7 +260,7 @@ def test_trainer_reports_the_two_axis_metrics(fast_world, tmp_path, monkeypatch,
     """`--model styles` through the trainer on the reduced world: the report carries unlearning accuracy,
     in-domain and cross-domain retain accuracy, and I_retain per neighbour group (the figures of a 2-step
     run on the FAST world mean nothing; their presence and ranges are what is checked)."""
-    from conftest import SMALL
+    from fastunlearn.testing import SMALL
 
     from fastunlearn.train import main
 
