@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
-import math
 import time
 from pathlib import Path
 
@@ -136,11 +136,13 @@ def intervals(r: dict) -> dict[str, tuple[float, float, float]]:
 def separated(reports: list[dict]) -> list[str]:
     """For every task, metric and pair of runs (same seed): the pairs whose 95 % intervals do not overlap."""
     lines = []
+    ivs = [intervals(r) for r in reports]
     for i, a in enumerate(reports):
-        for b in reports[i + 1:]:
+        for j in range(i + 1, len(reports)):
+            b = reports[j]
             if task_of(a) != task_of(b) or a.get("seed") != b.get("seed"):
                 continue
-            ia, ib = intervals(a), intervals(b)
+            ia, ib = ivs[i], ivs[j]
             for key in ia.keys() & ib.keys():
                 (va, la, ha), (vb, lb, hb) = ia[key], ib[key]
                 if ha < lb or hb < la:

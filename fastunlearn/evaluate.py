@@ -273,19 +273,25 @@ def comparison_rows(evaluator: Evaluator, teacher_images: dict, student_images: 
     retain prompts spread over the set, `per_row` seeds each. Where every prompt has fewer samples than a row
     (a world that spreads its samples over many prompts, like styles), a row is a group instead: the first
     `per_row` forget samples, and up to three retain groups (`retain_groups`, e.g. a style) spread over the set."""
+    from collections import Counter
+
     rows = []
     for kind in ("forget", "retain"):
         prompts = list(evaluator.forget[0] if kind == "forget" else evaluator.retain[0])
-        keys, name = prompts, None
-        if max(map(prompts.count, set(prompts)), default=0) < min(per_row, len(prompts)):
-            groups = evaluator.retain_groups if kind == "retain" else evaluator.forget_groups
-            keys = [str(g) for g in groups] if groups is not None else ["all"] * len(prompts)
-            name = evaluator.group_key if kind == "retain" and groups is not None else None
+        groups = evaluator.retain_groups if kind == "retain" else evaluator.forget_groups
+        by_prompt = max(Counter(prompts).values(), default=0) >= min(per_row, len(prompts))
+        if by_prompt:
+            keys, names = prompts, {q: q for q in prompts}
+        elif groups is not None:
+            keys = [str(g) for g in groups]
+            names = {k: f"{evaluator.group_key} {k}" for k in keys} if kind == "retain" else None
+        else:  # one row of the first samples, whatever their prompts
+            keys, names = ["all"] * len(prompts), None
         unique = list(dict.fromkeys(keys))
         shown = unique[:1] if kind == "forget" else unique[:: max(1, len(unique) // 3)][:3]
         for k in shown:
             idx = [i for i, q in enumerate(keys) if q == k][:per_row]
-            what = k if keys is prompts else (f"{name} {k}" if name else f"{len(idx)} prompts, first: {prompts[idx[0]]}")
+            what = names[k] if names else f"{len(idx)} prompts, first: {prompts[idx[0]]}"
             rows.append((f"{kind}: {what}", teacher_images[kind][idx], student_images[kind][idx]))
     return rows
 

@@ -616,7 +616,8 @@ def main(argv=None) -> int:
     if trainer.rank == 0:
         report = json.loads((trainer.out / "report.json").read_text())
         keys = ("forget_accuracy", "retain_accuracy", "base_forget_accuracy", "base_retain_accuracy",
-                "cross_domain_retain_accuracy", "base_cross_domain_retain_accuracy", "integrity_retain", "integrity_forget", "steps_to_converge", "wall_time_s")
+                "cross_domain_retain_accuracy", "base_cross_domain_retain_accuracy", "integrity_retain",
+                "integrity_forget", "steps_to_converge", "wall_time_s")
         print(" ".join(f"{k}={report[k]:.4g}" if isinstance(report.get(k), float) else f"{k}={report.get(k)}"
                        for k in keys if k in report))
         print(f"wrote {trainer.out}")

@@ -38,8 +38,9 @@ def digits_world():
     return load_world()
 
 
-# Settings that make a run on the tiny fixtures take seconds.
-from fastunlearn.testing import SMALL  # noqa: E402  (tests import helpers from fastunlearn.testing, never from conftest)
+# Settings that make a run on the tiny fixtures take seconds (tests import them from fastunlearn.testing, never
+# from conftest: a full run resolves `conftest` to tests/kernels/conftest.py)
+from fastunlearn.testing import SMALL  # noqa: E402
 
 
 @pytest.fixture()

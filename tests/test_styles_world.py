@@ -261,7 +261,6 @@ def test_trainer_reports_the_two_axis_metrics(fast_world, tmp_path, monkeypatch,
     in-domain and cross-domain retain accuracy, and I_retain per neighbour group (the figures of a 2-step
     run on the FAST world mean nothing; their presence and ranges are what is checked)."""
     from fastunlearn.testing import SMALL
-
     from fastunlearn.train import main
 
     cache, _ = fast_world
