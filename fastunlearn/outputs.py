@@ -3,8 +3,9 @@
 Lifecycle (rank 0 does the writing; every rank may read):
 
 1. `RunFolder.check_path()`: the path is usable (not a file, no file among its parents). Nothing written.
-2. `lock()`: an exclusive `fcntl.flock` on `<out>/.lock`, held until the process exits. A second run
-   into the same folder is refused with a one-line error naming the holder's pid. The folder is
+2. `lock()`: an exclusive `fcntl.flock` on `<out>/.lock`, held for the life of the run and deleted by
+   `release()`, so a finished folder holds no `.lock`. A second run into the same folder is refused with a
+   one-line error naming the holder's pid. The folder is
    created here if it did not exist; `abandon()` removes it again if setup fails afterwards.
 3. `plan()`: decides, without touching anything, what the run will do with what is there:
    `new`, `resume` (an unfinished run with the same settings), `replace` (a finished run, with
@@ -83,6 +84,16 @@ def strict_json(obj, indent: int = 2) -> str:
     return json.dumps(clean(obj), indent=indent, allow_nan=False)
 
 
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether the open file `fd` is still the file at `path`."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (mine.st_dev, mine.st_ino) == (st.st_dev, st.st_ino)
+
+
 def is_finished(folder: Path) -> bool:
     return (folder / "report.json").is_file()
 
@@ -105,19 +116,28 @@ class RunFolder:
             return
         self.created = not self.out.exists()
         self.out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                raise FastUnlearnError(f"cannot lock output directory {self.out}: {exc.strerror}") from None
+        path = self.out / LOCK
+        for _ in range(100):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                holder = (self.out / LOCK).read_text().strip() or "unknown"
-            except OSError:
-                holder = "unknown"
-            raise FastUnlearnError(f"output directory {self.out} is in use by another run (pid {holder}); "
-                                   "wait for it to finish or choose another --output-dir") from None
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise FastUnlearnError(f"cannot lock output directory {self.out}: {exc.strerror}") from None
+                try:
+                    holder = path.read_text().strip() or "unknown"
+                except OSError:
+                    holder = "unknown"
+                raise FastUnlearnError(f"output directory {self.out} is in use by another run (pid {holder}); "
+                                       "wait for it to finish or choose another --output-dir") from None
+            # The holder deletes the lock file before it lets go (release()): a lock taken on a file that is
+            # no longer the one at `path` guards nothing, so open the new one and try again.
+            if _same_file(fd, path):
+                break
+            os.close(fd)
+        else:
+            raise FastUnlearnError(f"cannot lock output directory {self.out}: its lock file keeps being replaced")
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
@@ -131,7 +151,10 @@ class RunFolder:
         self.release()
 
     def release(self) -> None:
+        """Delete the lock file, then let go of the lock: a finished folder holds no bookkeeping file. (A run
+        killed outright leaves its `.lock`; the next run takes it over.)"""
         if self._lock_fd is not None:
+            (self.out / LOCK).unlink(missing_ok=True)  # while still holding it: see lock()
             os.close(self._lock_fd)  # closing the descriptor drops the flock
             self._lock_fd = None
 

@@ -174,15 +174,26 @@ def config_from_args(argv=None) -> TrainConfig:
     return cfg.validate()
 
 
+def command_line(argv) -> str:
+    """The command that reruns these arguments (the launcher's --local_rank left out)."""
+    import shlex
+
+    args = [a for i, a in enumerate(argv) if not a.startswith(("--local_rank", "--local-rank"))
+            and not (i and argv[i - 1] in ("--local_rank", "--local-rank"))]
+    return shlex.join(["python", "fastunlearn/train.py", *args])
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The trainer
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, command: str | None = None):
+        """`command`: the command line that reproduces the run, for the model card (default: the saved config)."""
         from fastunlearn.methods import make_method
 
         self.cfg = cfg
+        self.command = command or f"python fastunlearn/train.py --config {Path(cfg.output_dir) / 'config.json'}"
         self.t_start = time.time()
         self.method = make_method(cfg)
         forget, retain, anchors, self.world_info, self.concepts = resolve_prompts(cfg)
@@ -574,6 +585,7 @@ class Trainer:
         return unet
 
     def save_outputs(self, report, t_imgs, s_imgs, evaluator, unet):
+        from fastunlearn.card import write_model_card
         from fastunlearn.evaluate import comparison_rows, save_comparison_grid, with_unet
         from fastunlearn.export import TRAINED_FILE, save_trained, trained_names
 
@@ -601,6 +613,7 @@ class Trainer:
         if report.get("integrity_retain") is not None:
             title += f" (I_retain {report['integrity_retain']:.3f}, I_forget {report['integrity_forget']:.3f})"
         save_comparison_grid(tmp / "grid.png", rows, title)
+        write_model_card(tmp, report, cfg.to_dict(), self.command)
         (tmp / "report.json").write_text(strict_json(report))
         self.folder.publish(tmp)  # and the run --overwrite replaced, kept until now, is deleted
         self.log("finished: " + json.dumps({k: v for k, v in report.items() if not isinstance(v, (list, dict))}))
@@ -611,7 +624,7 @@ def main(argv=None) -> int:
     cfg = config_from_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, command_line(sys.argv[1:] if argv is None else argv))
     trainer.train()
     if trainer.rank == 0:
         report = json.loads((trainer.out / "report.json").read_text())

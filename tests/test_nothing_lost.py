@@ -99,6 +99,7 @@ def test_an_interrupted_move_aside_is_rolled_back(tmp_path):
     assert json.loads((out / PREVIOUS / "report.json").read_text()) == {"run": "A"}
     assert sorted(p.name for p in out.iterdir()) == [".lock", PREVIOUS, "config.json"]
     folder.release()
+    assert not (out / ".lock").exists()  # deleted by the run that held it
 
 
 def test_restarting_an_unfinished_run_keeps_the_finished_previous_one(tmp_path):
@@ -129,6 +130,32 @@ def test_the_output_folder_lock_names_its_holder(tmp_path):
     again.release()
 
 
+def test_a_lock_taken_on_a_lock_file_its_holder_just_deleted_is_taken_again(tmp_path, monkeypatch):
+    """The holder deletes `.lock` before letting go; a run that opened the old file just before must not count
+    the lock it then gets on that deleted file: it opens the new one (else two runs could both hold "the" lock)."""
+    from fastunlearn import outputs
+
+    out = tmp_path / "out"
+    out.mkdir()
+    real_open, opened = os.open, []
+
+    def open_then_holder_deletes(path, flags, mode=0o777):
+        fd = real_open(path, flags, mode)
+        if not opened:
+            os.unlink(path)  # the holder's release() between our open and our flock
+        opened.append(path)
+        return fd
+
+    monkeypatch.setattr(outputs.os, "open", open_then_holder_deletes)
+    folder = RunFolder(out, {}, overwrite=False)
+    folder.lock()
+    monkeypatch.undo()
+    assert len(opened) == 2 and (out / ".lock").read_text().strip() == str(os.getpid())
+    with pytest.raises(FastUnlearnError, match="in use by another run"):
+        RunFolder(out, {}, overwrite=False).lock()
+    folder.release()
+
+
 def test_two_concurrent_runs_one_refused_the_other_completes(base_args, tmp_path):
     out = tmp_path / "out"
     args = [sys.executable, TRAIN, *base_args, "--max-steps", "4", "--output-dir", str(out)]
@@ -143,7 +170,7 @@ def test_two_concurrent_runs_one_refused_the_other_completes(base_args, tmp_path
     assert first.returncode == 0, err[-3000:]
     assert json.loads((out / "report.json").read_text())["steps"] == 4
     DiffusionPipeline.from_pretrained(out)
-    assert not list(out.glob(".final-tmp*"))
+    assert not list(out.glob(".*"))  # no .final-tmp, no .lock: nothing but the run's own files
 
 
 # ---- 3. the NaN guard holds when DeepSpeed builds the optimizer ---------------------------------------

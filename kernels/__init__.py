@@ -1,1 +1,0 @@
-"""Fused Triton kernels (importable without diffusers or DeepSpeed)."""
