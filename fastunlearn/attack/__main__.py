@@ -1,0 +1,6 @@
+"""python -m fastunlearn.attack"""
+import sys
+
+from .command import main
+
+sys.exit(main())
