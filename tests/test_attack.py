@@ -193,3 +193,25 @@ def test_inversion_recovers_the_digit_from_the_original_pipeline(digits_world, t
     rate = report["forget_accuracy_under_attack"]["inversion@1000"]
     assert rate >= 0.9, report["inversion"]
     assert report["inversion"]["unlearned"]["budgets"]["0"]["concept_rate"] < 0.5  # the init word alone is not "3"
+
+
+def test_the_attack_command_adds_its_figures_to_the_run_s_model_card(tiny_sd_path, tmp_path, monkeypatch):
+    """`python -m fastunlearn.attack --unlearned RUN` puts an "Under attack" section into RUN/README.md."""
+    import shutil
+
+    from fastunlearn.attack import command
+    from fastunlearn.card import ATTACK_HEADING, write_model_card
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_sd_path, run)
+    write_model_card(run, {"method": "saddle", "model": str(tiny_sd_path), "eval": {}}, {}, "python fastunlearn/train.py")
+    report = {"judge": "clip", "concept": "cat", "notes": [], "config": {"eval_samples": 10}, "wall_time_s": 1.0,
+              "no_attack": {"unlearned": {"concept_rate": 0.0, "loss": 0.1}},
+              "concept_rate_under_attack": {"inversion@1000": 0.4}, "inversion": {"attack_strong_enough": True}}
+    monkeypatch.setattr(command, "run_attack", lambda *a, **k: report)
+    monkeypatch.setattr("fastunlearn.judges.judge_from_args", lambda *a, **k: None)
+    assert command.main(["--original", str(tiny_sd_path), "--unlearned", str(run), "--concept", "cat",
+                         "--forget-prompts", "a photo of cat", "--out", str(tmp_path / "attack")]) == 0
+    text = (run / "README.md").read_text()
+    assert ATTACK_HEADING in text and "Concept Inversion | 1000 | 0.400 [" in text
+    assert str(tmp_path / "attack" / "report.json") in text

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from ..card import add_attack
 from ..errors import FastUnlearnError, cli_errors
 from .concepts import ATTACKS, AttackConfig
 from .run import run_attack
@@ -84,4 +86,8 @@ def main(argv=None) -> int:
         print("denoising loss under attack: " + " ".join(f"inversion@{b}={v['loss']:.4f}" for b, v in inv.items())
               + f" (no attack: {report['no_attack']['unlearned']['loss']:.4f})")
     print(f"wall time {report['wall_time_s']:.0f} s; wrote {args.out}")
+    if report["judge"] and args.out:  # the unlearned run's model card gets the figures under attack
+        card = add_attack(Path(args.unlearned), report, str(Path(args.out) / "report.json"))
+        if card is not None:
+            print(f"added the figures under attack to {card}")
     return 0
