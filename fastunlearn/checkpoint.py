@@ -99,6 +99,25 @@ def save(engine, ckpt_dir: Path, step: int, state: dict, keep: int, rank: int, w
         dist.barrier()
 
 
+def resume_run(engine, cfg, rank: int, world: int, warn):
+    """The checkpoint a run continues from, loaded into `engine`: `cfg.resume_from_checkpoint` when it names one
+    of output_dir/checkpoints, else the last complete one there (partial ones from a killed run are ignored
+    with a warning). Returns (path, the run's saved state) or None."""
+    spec, ckpt_dir = cfg.resume_from_checkpoint, Path(cfg.output_dir) / "checkpoints"
+    tag = resolve_checkpoint(ckpt_dir, spec) if spec not in (None, "latest") else None
+    found = resume(engine, ckpt_dir, rank, world, warn, tag=tag)
+    if found is None and spec == "latest":
+        warn(f"resume_from_checkpoint latest: no complete checkpoint in {ckpt_dir}; starting a new run")
+    return found
+
+
+def check_resume(cfg) -> None:
+    """`resume_from_checkpoint` (of a TrainConfig), when it names a checkpoint: a complete one of the run's
+    output_dir/checkpoints, or a one-line error before anything is loaded."""
+    if cfg.resume_from_checkpoint not in (None, "latest"):
+        resolve_checkpoint(Path(cfg.output_dir) / "checkpoints", cfg.resume_from_checkpoint)
+
+
 def resolve_checkpoint(ckpt_dir: Path, spec: str) -> str:
     """The tag of the complete checkpoint `spec` names (a path, or a folder name in `ckpt_dir`), or a
     one-line error when it is not a complete checkpoint of `ckpt_dir`."""

@@ -1,8 +1,13 @@
 """Training configuration: one dataclass tree, read from YAML, overridden from the command line.
 
-Every key is checked: an unknown key, a wrong type or an impossible value is a one-line error.
-Each method's own settings are a section named after it (`saddle.tau`, `ovw.alpha`, ...),
-declared by the method's class in fastunlearn.methods; the list of methods comes from there too.
+The bottom layer: it imports nothing from the package but `errors` and `settings`. Every key is checked here
+for its type and range (an unknown key, a wrong type or an impossible value is a one-line error); what a key
+means to a component (a judge's weights, a checkpoint to resume, a tracking backend, a world's task) is checked
+by that component, all together when a run starts (fastunlearn.cli.check_run).
+
+Each method's own settings are a section named after it (`saddle.tau`, `ovw.alpha`, ...), declared by the
+method's class in fastunlearn.methods, which registers them here (`register_method`) when it is imported; the
+package imports it first (fastunlearn/__init__.py), so the registry is complete before any config is made.
 """
 from __future__ import annotations
 
@@ -16,10 +21,19 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from .errors import FastUnlearnError
-from .methods import METHOD_CLASSES
 from .settings import check_ranges, num
 
-METHODS = tuple(METHOD_CLASSES)
+METHODS: list[str] = []                    # the registered methods, in registration order
+METHOD_SECTIONS: dict[str, type] = {}      # method name -> its settings dataclass (methods with settings only)
+
+
+def register_method(name: str, section: type | None) -> None:
+    """Called by fastunlearn.methods for each method: its name, and its settings dataclass (or None)."""
+    if name not in METHODS:
+        METHODS.append(name)
+    if section is not None:
+        METHOD_SECTIONS[name] = section
+
 PARAM_SUBSETS = ("full", "attn2", "non-attn2")
 FORGET_TARGETS = ("esd", "anchor", "noise")
 SAVE_FORMATS = ("pipeline", "unet", "trained")
@@ -54,31 +68,6 @@ class EvalConfig:
                                        # default: the torch hub cache, downloaded there when online
     lpips_weights: str | None = None   # LPIPS-alex's torchvision alexnet weights file (--lpips-weights); default:
                                        # the torch hub cache, downloaded there when online
-
-    def check(self, prefix: str = "") -> None:
-        """The forget judge's settings (fastunlearn.judges): one-line errors before anything is loaded."""
-        from .judges import JUDGES, parse_classes
-
-        if self.judge is not None and (not isinstance(self.judge, str) or self.judge not in JUDGES):
-            raise FastUnlearnError(f"unknown {prefix}judge {self.judge!r}; choose one of {', '.join(JUDGES)}")
-        if self.judge == "classifier":
-            if not self.judge_weights:
-                raise FastUnlearnError(f"{prefix}judge classifier needs a weights file: --set {prefix}judge_weights=FILE")
-            if not parse_classes(self.judge_classes):
-                raise FastUnlearnError(f"{prefix}judge classifier needs the concept's class index(es): "
-                                       f"--set {prefix}judge_classes=954")
-        if self.judge_weights and not Path(self.judge_weights).is_file():
-            raise FastUnlearnError(f"{prefix}judge_weights {self.judge_weights} is not a file (classifier weights)")
-        if self.fid not in ("none", "inception"):
-            raise FastUnlearnError(f"unknown {prefix}fid {self.fid!r}; choose none or inception")
-        if self.fid_weights is not None and self.fid != "inception":
-            raise FastUnlearnError(f"{prefix}fid_weights is given but {prefix}fid is {self.fid}: set "
-                                   f"{prefix}fid=inception (--fid-weights PATH sets both)")
-        for key, what in (("fid_weights", "torch-fidelity's InceptionV3 weights"),
-                          ("lpips_weights", "torchvision's alexnet weights for LPIPS")):
-            value = getattr(self, key)
-            if value is not None and not Path(str(value)).expanduser().is_file():
-                raise FastUnlearnError(f"{prefix}{key} {value} is not a file ({what})")
 
     def due(self, step: int) -> bool:
         """Whether an in-training evaluation runs after optimiser step `step`."""
@@ -177,9 +166,6 @@ class TrainConfig:
             raise FastUnlearnError("output_dir is empty: give a folder with --output-dir")
         if not str(self.model).strip():
             raise FastUnlearnError("model is empty: give a diffusers folder, a cached hub id or 'digits' with --model")
-        from .tracking import check_available
-
-        check_available(self.report_to)
         if self.save_format not in SAVE_FORMATS:
             raise FastUnlearnError(f"save_format must be one of {', '.join(SAVE_FORMATS)}, got {self.save_format!r}")
         if self.resume_from_checkpoint is not None and not str(self.resume_from_checkpoint).strip():
@@ -188,32 +174,26 @@ class TrainConfig:
             if self.overwrite:
                 raise FastUnlearnError("resume_from_checkpoint continues the unfinished run in output_dir; it cannot "
                                        "be combined with --overwrite (which starts over)")
-            from .checkpoint import resolve_checkpoint
-
-            resolve_checkpoint(Path(self.output_dir) / "checkpoints", self.resume_from_checkpoint)
-        if self.eval.judge == "clip" and not self.eval.clip_model and not self.world_has_clip():
-            raise FastUnlearnError("eval.judge clip needs a local CLIP model folder: --set eval.clip_model=DIR")
-        if self.eval.clip_model and not Path(self.eval.clip_model).is_dir():
-            raise FastUnlearnError(f"eval.clip_model {self.eval.clip_model} is not a folder (a local CLIP model)")
+        for name in METHOD_SECTIONS:
+            check_ranges(getattr(self, name), f"{name}.")
         return self
 
-    def world_has_clip(self) -> bool:
-        """Whether the model is an embedded world with its own CLIP (the digits world: fastunlearn.worlds)."""
-        from . import worlds
+    # One section per method that has settings, named after it and declared by its class (`Method.Config`,
+    # registered by fastunlearn.methods): adding a method is adding its class there. The sections are
+    # attributes beside the dataclass fields; `sections()` gives their types, `to_dict` includes them.
+    def __post_init__(self):
+        if not METHODS:
+            raise RuntimeError("no method is registered: import fastunlearn (which imports fastunlearn.methods) "
+                               "before making a TrainConfig")
+        for name, section in METHOD_SECTIONS.items():
+            setattr(self, name, section())
 
-        return hasattr(worlds.get(self.model, self.cache_dir), "clip_path")
+    @staticmethod
+    def sections() -> dict[str, type]:
+        return dict(METHOD_SECTIONS)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-# One section per method that has settings, named after it and declared by its class (`Method.Config`):
-# adding a method is adding its class to fastunlearn.methods.
-TrainConfig = dataclasses.make_dataclass(
-    "TrainConfig", [(name, cls.Config, field(default_factory=cls.Config))
-                    for name, cls in METHOD_CLASSES.items() if cls.Config is not None],
-    bases=(TrainConfig,))
-TrainConfig.__module__ = __name__
+        return {**dataclasses.asdict(self), **{n: dataclasses.asdict(getattr(self, n)) for n in METHOD_SECTIONS}}
 
 # keys of earlier versions, named in the error that refuses them
 MOVED_KEYS = {"method_args": "method_args was split by method: alpha -> ovw.alpha, beta -> ga.beta, inner_steps/"
@@ -252,6 +232,8 @@ def apply_dict(obj, data: dict, prefix: str = "", source: str = "config"):
     if not isinstance(data, dict):
         raise FastUnlearnError(f"{source}: expected a mapping at {prefix or 'top level'}, got {type(data).__name__}")
     hints = get_type_hints(type(obj))
+    if isinstance(obj, TrainConfig):
+        hints.update(obj.sections())
     for key, value in data.items():
         full = f"{prefix}{key}"
         if not prefix and key in MOVED_KEYS:

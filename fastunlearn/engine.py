@@ -116,6 +116,50 @@ def unet_call(model, items, cond, device, dtype, grad: bool) -> list:
     return list(out.split(sizes))
 
 
+def initialize(student, cfg, ds_config: dict):
+    """DeepSpeed's engine around `student`, training its parameters that require grad with fastunlearn's AdamW,
+    or with the optimizer the DeepSpeed config's "optimizer" section builds (lr and weight decay from `cfg`).
+    A config DeepSpeed rejects is a one-line error."""
+    import deepspeed
+
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = None if "optimizer" in ds_config else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    try:
+        engine, *_ = deepspeed.initialize(model=student, model_parameters=params, optimizer=optimizer, config=ds_config)
+    except (ValueError, AssertionError, TypeError) as exc:
+        raise FastUnlearnError(f"invalid DeepSpeed config: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    return engine
+
+
+class ModelCalls:
+    """A run's batched UNet calls (`unet_call`): the student under DeepSpeed (`student`), the teacher without
+    gradients (`teacher`), and the student's module itself, with parameters substituted if given, for a
+    method's setup (`module`). `engine` is set once DeepSpeed has wrapped the student."""
+
+    def __init__(self, teacher, cond, device, dtype):
+        self.teacher_model, self.cond, self.device, self.dtype, self.engine = teacher, cond, device, dtype, None
+
+    def _call(self, model, items, grad):
+        return unet_call(model, items, self.cond, self.device, self.dtype, grad)
+
+    def student(self, *items, grad=True):
+        return self._call(self.engine, items, grad)
+
+    def teacher(self, *items):
+        return self._call(self.teacher_model, items, False)
+
+    def module(self, items, params=None, grad=True):
+        module = self.engine.module
+        if params is not None:
+            from torch.func import functional_call
+
+            def model(x, t, **kwargs):
+                return functional_call(module, params, (x, t), kwargs)
+        else:
+            model = module
+        return self._call(model, items, grad)
+
+
 class StepGuard:
     """Turns an optimizer's `step` into a no-op (moments and step count untouched) when asked to
     (`skip_next`, set when a loss term is not finite) or when a gradient it receives is not finite.

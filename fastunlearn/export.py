@@ -47,6 +47,29 @@ def save_trained(unet: torch.nn.Module, names: list[str], path: Path, metadata: 
     os.chmod(path, 0o666 & ~umask)  # as readable as the pipeline's own files (safetensors writes 0600)
 
 
+def save_unlearned(folder: Path, cfg, pipe, unet, trained: list[str], steps: int, dtype) -> None:
+    """The unlearned model into `folder` as `cfg.save_format` asks: the whole pipeline (save_pretrained), the UNet
+    alone (unet/), or only the trained parameters (TRAINED_FILE). With LoRA (`cfg.lora.rank`), the adapter
+    (pytorch_lora_weights.safetensors, for pipe.load_lora_weights) first, then the UNet with it merged.
+    `trained`: the trained parameters' names as in the merged UNet (`trained_names`)."""
+    from .sampling import with_unet
+
+    if cfg.lora.rank:
+        from .models import merge_lora, save_lora
+
+        save_lora(pipe, unet, folder)
+        unet = merge_lora(unet)
+    if cfg.save_format == "pipeline":
+        with_unet(pipe, unet).save_pretrained(str(folder), safe_serialization=True)
+    elif cfg.save_format == "unet":
+        unet.save_pretrained(str(folder / "unet"), safe_serialization=True)
+    else:  # only the trained parameters: fastunlearn.load_unlearned(base_pipeline, dir) applies them
+        save_trained(unet, trained, folder / TRAINED_FILE, {
+            "base_model": str(Path(cfg.model).resolve()) if Path(cfg.model).is_dir() else cfg.model,
+            "method": cfg.method, "params": cfg.params, "lora_rank": cfg.lora.rank,
+            "steps": steps, "dtype": str(dtype).replace("torch.", "")})
+
+
 def _read(source) -> tuple[dict, dict, bool, str]:
     """(state dict, metadata, whether it is a whole UNet, a name for messages) of a trained file or a folder."""
     from safetensors import safe_open

@@ -184,6 +184,35 @@ class ClassifierJudge(Judge):
         return torch.isin(self.predict(images), torch.tensor(self.classes))
 
 
+def check_eval_config(e, prefix: str = "eval.", world=None) -> None:
+    """The forget judge's and the metrics' keys of an EvalConfig `e`: one-line errors before anything is loaded.
+    `world`: the run's embedded world (fastunlearn.worlds), which may bring its own CLIP."""
+    if e.judge is not None and (not isinstance(e.judge, str) or e.judge not in JUDGES):
+        raise FastUnlearnError(f"unknown {prefix}judge {e.judge!r}; choose one of {', '.join(JUDGES)}")
+    if e.judge == "classifier":
+        if not e.judge_weights:
+            raise FastUnlearnError(f"{prefix}judge classifier needs a weights file: --set {prefix}judge_weights=FILE")
+        if not parse_classes(e.judge_classes):
+            raise FastUnlearnError(f"{prefix}judge classifier needs the concept's class index(es): "
+                                   f"--set {prefix}judge_classes=954")
+    if e.judge_weights and not Path(e.judge_weights).is_file():
+        raise FastUnlearnError(f"{prefix}judge_weights {e.judge_weights} is not a file (classifier weights)")
+    if e.fid not in ("none", "inception"):
+        raise FastUnlearnError(f"unknown {prefix}fid {e.fid!r}; choose none or inception")
+    if e.fid_weights is not None and e.fid != "inception":
+        raise FastUnlearnError(f"{prefix}fid_weights is given but {prefix}fid is {e.fid}: set "
+                               f"{prefix}fid=inception (--fid-weights PATH sets both)")
+    for key, what in (("fid_weights", "torch-fidelity's InceptionV3 weights"),
+                      ("lpips_weights", "torchvision's alexnet weights for LPIPS")):
+        value = getattr(e, key)
+        if value is not None and not Path(str(value)).expanduser().is_file():
+            raise FastUnlearnError(f"{prefix}{key} {value} is not a file ({what})")
+    if e.judge == "clip" and not e.clip_model and not hasattr(world, "clip_path"):
+        raise FastUnlearnError(f"{prefix}judge clip needs a local CLIP model folder: --set {prefix}clip_model=DIR")
+    if e.clip_model and not Path(e.clip_model).is_dir():
+        raise FastUnlearnError(f"{prefix}clip_model {e.clip_model} is not a folder (a local CLIP model)")
+
+
 def judge_kind(e, in_world: bool) -> str:
     """The judge `e` (an EvalConfig) asks for: eval.judge, else digits in the digits world, clip with a
     CLIP model, else none."""

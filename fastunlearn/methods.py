@@ -24,11 +24,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .config import register_method
 from .errors import FastUnlearnError
 from .ops import noise_prediction_loss
 from .settings import num
 
-if TYPE_CHECKING:  # the config imports this module (for the registry); never the other way round at run time
+if TYPE_CHECKING:
     from .config import TrainConfig
 
 
@@ -423,6 +424,8 @@ class EraseDiff(Method):
 
 
 METHOD_CLASSES = {cls.name: cls for cls in (Saddle, OVW, ESD, EraseDiff, SalUn, GA, ConceptAblation)}
+for _name, _cls in METHOD_CLASSES.items():  # their names and settings sections, into the run's config
+    register_method(_name, _cls.Config)
 
 
 def make_method(cfg: TrainConfig) -> Method:

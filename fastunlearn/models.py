@@ -315,3 +315,41 @@ def set_attention(unet: torch.nn.Module, kind: str) -> None:
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     unet.set_attn_processor(AttnProcessor2_0())
+
+
+def teacher_and_student(pipe, cfg):
+    """The teacher (the original model) and the student (`pipe.unet`, trained in place), made before DeepSpeed
+    sees the student. With LoRA the teacher is the student with its adapters off (no memory cost); with a
+    parameter subset it shares every frozen weight with the student (SharedTeacher); else a frozen copy in the
+    working dtype. Only the trained parameters require grad. Returns (teacher, student)."""
+    import copy
+
+    student = pipe.unet
+    set_attention(student, cfg.attention)  # the trainer's and the sampler's UNet calls alike
+    if cfg.lora.rank:
+        trained = set(add_lora(student, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules, cfg.params))
+        teacher = AdapterTeacher(student)
+    else:
+        trained = set(param_subset(student, cfg.params))
+        share = cfg.teacher == "shared" or (cfg.teacher == "auto" and cfg.params != "full" and cfg.zero_stage < 3)
+        teacher = SharedTeacher(student, trained) if share else copy.deepcopy(pipe.unet).eval().requires_grad_(False)
+    for name, p in student.named_parameters():
+        p.requires_grad_(name in trained)
+    if cfg.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    student.train()
+    return teacher, student
+
+
+def teacher_facts(cfg, teacher, student) -> dict:
+    """What a run's report says of its teacher and student: the teacher's kind and extra memory, LoRA, sizes."""
+    shared = hasattr(teacher, "extra_bytes")  # SharedTeacher, or AdapterTeacher (LoRA)
+    return {
+        "teacher": "adapters off" if cfg.lora.rank else "shared" if shared else "copy",
+        "lora": {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha or cfg.lora.rank,
+                 "trained_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad)}
+        if cfg.lora.rank else None,
+        "teacher_extra_bytes": (teacher.extra_bytes() if shared else
+                                sum(p.numel() * p.element_size() for p in teacher.parameters())),
+        "unet_bytes": sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in student.parameters()),
+    }

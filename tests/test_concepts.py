@@ -80,13 +80,13 @@ def test_evaluator_gives_every_figure_per_concept():
 
 
 def test_forgotten_needs_every_concept_under_the_threshold():
-    from fastunlearn.train import Trainer
+    from fastunlearn.report import RunEvaluation
 
     run = SimpleNamespace(cfg=TrainConfig())
     run.cfg.eval.forget_threshold = 0.1
-    assert not Trainer.forgotten(run, {"forget_accuracy": 0.05, "forget_accuracy_by_concept": {"3": 0.0, "7": 0.1 + 1e-6}})
-    assert Trainer.forgotten(run, {"forget_accuracy": 0.05, "forget_accuracy_by_concept": {"3": 0.0, "7": 0.1}})
-    assert not Trainer.forgotten(run, {"forget_rate": 0.0, "forget_rate_by_concept": {"cat": 0.0, "dog": 0.5}})
+    assert not RunEvaluation.forgotten(run, {"forget_accuracy": 0.05, "forget_accuracy_by_concept": {"3": 0.0, "7": 0.1 + 1e-6}})
+    assert RunEvaluation.forgotten(run, {"forget_accuracy": 0.05, "forget_accuracy_by_concept": {"3": 0.0, "7": 0.1}})
+    assert not RunEvaluation.forgotten(run, {"forget_rate": 0.0, "forget_rate_by_concept": {"cat": 0.0, "dog": 0.5}})
 
 
 def test_training_run_with_two_concepts_reports_each(base_args, tmp_path, monkeypatch):

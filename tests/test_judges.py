@@ -185,7 +185,9 @@ def _cfg(tmp_path, *sets):
     for item in sets:
         key, value = item.split("=", 1)
         set_dotted(cfg, key, value)
-    return cfg.validate()
+    from fastunlearn.cli import check_run
+
+    return check_run(cfg)
 
 
 def test_bad_judge_settings_are_one_line_errors(tmp_path, clip_dir):
@@ -225,13 +227,13 @@ def test_make_judge_defaults_and_notes(tmp_path, clip_dir):
 
 
 def test_forgotten_uses_the_forget_rate_without_forget_accuracy(tmp_path):
-    from fastunlearn.train import Trainer
+    from fastunlearn.report import RunEvaluation
 
     run = SimpleNamespace(cfg=_cfg(tmp_path, "eval.forget_threshold=0.2"))
-    assert Trainer.forgotten(run, {"forget_rate": 0.2})
-    assert not Trainer.forgotten(run, {"forget_rate": 0.25})
-    assert not Trainer.forgotten(run, {"forget_rate": None})
-    assert not Trainer.forgotten(run, {"forget_accuracy": 0.5, "forget_rate": 0.0})  # accuracy decides when present
+    assert RunEvaluation.forgotten(run, {"forget_rate": 0.2})
+    assert not RunEvaluation.forgotten(run, {"forget_rate": 0.25})
+    assert not RunEvaluation.forgotten(run, {"forget_rate": None})
+    assert not RunEvaluation.forgotten(run, {"forget_accuracy": 0.5, "forget_rate": 0.0})  # accuracy decides when present
 
 
 # ---- end to end ------------------------------------------------------------------------------------------

@@ -155,15 +155,16 @@ def test_inception_fid_and_kid_with_a_weights_path(hub, inception_weights, tmp_p
 
 def test_eval_config_checks_fid_settings(tmp_path):
     from fastunlearn.config import EvalConfig
+    from fastunlearn.judges import check_eval_config
 
     with pytest.raises(FastUnlearnError, match="unknown eval.fid 'clean'"):
-        EvalConfig(fid="clean").check("eval.")
+        check_eval_config(EvalConfig(fid="clean"), "eval.")
     with pytest.raises(FastUnlearnError, match=r"eval.fid_weights .* is not a file"):
-        EvalConfig(fid="inception", fid_weights=str(tmp_path / "none.pth")).check("eval.")
+        check_eval_config(EvalConfig(fid="inception", fid_weights=str(tmp_path / "none.pth")), "eval.")
     with pytest.raises(FastUnlearnError, match="set eval.fid=inception"):
-        EvalConfig(fid_weights=str(tmp_path)).check("eval.")
+        check_eval_config(EvalConfig(fid_weights=str(tmp_path)), "eval.")
     with pytest.raises(FastUnlearnError, match=r"eval.lpips_weights .* is not a file"):
-        EvalConfig(lpips_weights=str(tmp_path / "none.pth")).check("eval.")
+        check_eval_config(EvalConfig(lpips_weights=str(tmp_path / "none.pth")), "eval.")
 
 
 def _train_argv(tiny_sd_path, tmp_path):

@@ -74,8 +74,9 @@ def test_v_prediction_model_trains(tmp_path, prompt_files, monkeypatch):
 
 @pytest.mark.parametrize("dual", ["ga", "pi"])
 def test_saddle_lambda_rises_above_tau_and_falls_below(dual):
-    cfg = TrainConfig(saddle=SaddleConfig(dual=dual, tau=0.2, eta_lambda=0.5, lambda_init=1.0, lambda_max=10.0,
-                                          gap_ema=0.5, kappa_i=0.05, probe_every=0))
+    cfg = TrainConfig()
+    cfg.saddle = SaddleConfig(dual=dual, tau=0.2, eta_lambda=0.5, lambda_init=1.0, lambda_max=10.0, gap_ema=0.5,
+                              kappa_i=0.05, probe_every=0)
     m = Saddle(cfg)
     m.g0, m.tau = 1.0, 0.2
     m.dual = m.make_dual()
