@@ -7,28 +7,20 @@ from pathlib import Path
 
 import torch
 
+from ..cli import save_digit_grid  # noqa: F401
+from .build import FAST_RECIPE, WORLD_VERSION, Recipe, build_world, score_pipeline  # noqa: F401
 from .classifier import DigitClassifier, train_classifier  # noqa: F401
-from .world import (  # noqa: F401
+from .cli import main  # noqa: F401
+from .data import (  # noqa: F401
     DIGIT_WORDS,
-    FAST_RECIPE,
-    WORLD_VERSION,
-    DigitsWorld,
-    Recipe,
-    build_world,
     digit_of_prompt,
     digit_prompts,
-    ensure_world,
     eval_pairs,
     heldout_split,
     load_digit_images,
-    load_world,
-    main,
     prompt_words,
-    save_digit_grid,
-    score_pipeline,
-    world_path,
-    world_problem,
 )
+from .world import DigitsWorld, ensure_world, load_world, world_path, world_problem  # noqa: F401
 
 
 class World:
@@ -94,7 +86,7 @@ class World:
         return DigitsPerceptual(self._loaded().classifier)
 
     def evaluation(self, info, n_forget: int, n_retain: int) -> dict:
-        """Keyword arguments of fastunlearn.evaluate.Evaluator: `n_forget` samples of each forgotten digit and
+        """Keyword arguments of fastunlearn.evaluation.Evaluator: `n_forget` samples of each forgotten digit and
         `n_retain` of every other one, the `lpips-digits` perceptual network, the classifier as judge, and
         real images of the retained digits for `fid-digits`. Several digits: `forget_groups` names each forget
         sample's concept."""

@@ -26,6 +26,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..cache import file_hashes, files_problem, lock, start_rebuild
+from .data import TEMPLATES, digit_prompts, heldout_split, load_digit_images, prompt_words
+
 CLIP_VERSION = "digits-clip-v1"
 NEGATIVE_PROMPTS = ("", "a photo")
 
@@ -86,8 +89,6 @@ def train_clip(tokenizer, images, labels, recipe: ClipRecipe = ClipRecipe(), pro
     """The trained model. images: (N, 1, 32, 32) in [-1, 1]; labels (N,)."""
     from tqdm.auto import tqdm
 
-    from .world import TEMPLATES, digit_prompts
-
     torch.manual_seed(recipe.seed)
     gen = torch.Generator().manual_seed(recipe.seed)
     model = _model(tokenizer)
@@ -127,7 +128,6 @@ def zero_shot_accuracy(folder: Path, images, labels) -> float:
     """Accuracy of the saved CLIP folder on `images` ((N, 1|3, 32, 32) in [-1, 1]) read as the digit whose
     canonical prompt scores highest, through fastunlearn's CLIP judge (the same loading and preprocessing)."""
     from ...judges import CLIPJudge
-    from .world import digit_prompts
 
     judge = CLIPJudge(str(folder))
     probs = judge.probs(((images + 1) / 2).expand(-1, 3, -1, -1), [digit_prompts(d)[0] for d in range(10)])
@@ -137,7 +137,6 @@ def zero_shot_accuracy(folder: Path, images, labels) -> float:
 def build_clip(dest: Path, recipe: ClipRecipe = ClipRecipe(), progress: bool = True) -> dict:
     """Train the digits CLIP and save it into `dest` (a new folder). Returns clip.json's dict."""
     from ..tokenizer import build_clip_tokenizer
-    from .world import _file_hashes, heldout_split, load_digit_images, prompt_words
 
     t0 = time.time()
     images, labels = load_digit_images()
@@ -148,7 +147,7 @@ def build_clip(dest: Path, recipe: ClipRecipe = ClipRecipe(), progress: bool = T
     _processor(tokenizer).save_pretrained(dest)
     info = {"version": CLIP_VERSION, "recipe": asdict(recipe),
             "zero_shot_heldout_accuracy": zero_shot_accuracy(dest, images[held_idx], labels[held_idx]),
-            "heldout_size": len(held_idx), "build_seconds": round(time.time() - t0, 1), "files": _file_hashes(dest)}
+            "heldout_size": len(held_idx), "build_seconds": round(time.time() - t0, 1), "files": file_hashes(dest)}
     info["files"].pop("clip.json", None)
     (dest / "clip.json").write_text(json.dumps(info, indent=2))  # written last: marks the build complete
     return info
@@ -156,8 +155,6 @@ def build_clip(dest: Path, recipe: ClipRecipe = ClipRecipe(), progress: bool = T
 
 def clip_problem(path: Path) -> str | None:
     """Why the CLIP folder at `path` cannot be used, or None."""
-    from .world import _files_problem
-
     manifest = path / "clip.json"
     if not manifest.is_file():
         return "missing" if not path.exists() else "partial (no clip.json)"
@@ -168,24 +165,19 @@ def clip_problem(path: Path) -> str | None:
         return "corrupt clip.json"
     if info.get("version") != CLIP_VERSION or info.get("recipe") != asdict(ClipRecipe()):
         return "built by another version"
-    return _files_problem(path, files)
+    return files_problem(path, files)
 
 
 def ensure_clip(world: Path, progress: bool = True) -> Path:
     """`world/clip`, built first when missing, partial or corrupt (atomically, under the world's lock)."""
-    from .world import _lock
-
     path = world / "clip"
     if clip_problem(path) is None:
         return path
-    with _lock(world.parent / f".{world.name}.clip.lock"):
+    with lock(world.parent / f".{world.name}.clip.lock"):
         problem = clip_problem(path)
         if problem is None:
             return path
-        if problem != "missing":
-            print(f"fastunlearn: digits CLIP at {path} is {problem}; rebuilding", file=sys.stderr)
-        tmp = world / f".clip.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = start_rebuild(path, world / f".clip.tmp-{os.getpid()}", problem, "digits CLIP")
         try:
             info = build_clip(tmp, progress=progress)
             shutil.rmtree(path, ignore_errors=True)

@@ -179,7 +179,7 @@ class World:
                 "stroke": [s % n for s in styles]}[axis]
 
     def evaluation(self, info, n_forget: int, n_retain: int) -> dict:
-        """Keyword arguments of fastunlearn.evaluate.Evaluator (see `sets`): the in-domain judge as
+        """Keyword arguments of fastunlearn.evaluation.Evaluator (see `sets`): the in-domain judge as
         `classifier` (the digit classifier, or the exact style rules on the concept's axis), the other axis as
         `cross`, the lpips-styles perceptual network and real styled images of the retained combinations."""
         sets = self.sets(info, n_forget, n_retain)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 
 from ...errors import FastUnlearnError
-from ..digits.world import DIGIT_WORDS
+from ..digits.data import DIGIT_WORDS
 from .render import COLOUR_NAMES, STROKE_NAMES, STYLES
 
 TEMPLATES = [

@@ -9,7 +9,6 @@ writes a grid of samples (one row per style) and the judges' accuracy on them.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,10 +18,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ...errors import FastUnlearnError, cli_errors
+from ...errors import cli_errors
 from ...paths import ensure_writable_dir
 from ...sampling import SamplerConfig, sample
-from ..digits import world as digits
+from .. import cache
+from ..build import TrainerRecipe, assemble_pipeline, save_world
+from ..cache import BuiltWorld
+from ..cli import save_digit_grid, world_command
+from ..digits import build as digits
+from ..digits import data as digits_data
 from .judge import AxisClassifier, InkDigitClassifier, train_ink_classifier
 from .prompts import COMBINATIONS, combo_prompts, prompt_words
 from .render import STYLES, render_styles
@@ -31,21 +35,12 @@ WORLD_VERSION = "styles-v1"
 
 
 @dataclass
-class Recipe:
-    """How the world is trained (the fields of digits.Recipe that its trainers read, and the evaluation).
-    Provisional defaults: the full build and its timing on 2 CPU cores are not measured yet."""
+class Recipe(TrainerRecipe):
+    """How the world is trained (the fields that the trainers read, TrainerRecipe, with more VAE and UNet steps;
+    and the evaluation). Provisional defaults: the full build and its timing on 2 CPU cores are not measured yet."""
 
-    seed: int = 0
-    classifier_steps: int = 1500
-    vae_steps: int = 800
-    vae_lr: float = 2e-3
+    vae_steps: int = 800  # TrainerRecipe's field, in its place: world.json lists the recipe in the same order
     unet_steps: int = 3000
-    unet_lr: float = 1e-3
-    batch_size: int = 64
-    warmup_steps: int = 100
-    ema_decay: float = 0.998
-    uncond_prob: float = 0.1
-    min_snr_gamma: float = 5.0
     eval_per_combination: int = 20
     digits_per_style: int = 0  # 0: all 1,797 sklearn digits in every style; k: the first k (reduced recipes)
     sampler: dict = field(
@@ -80,7 +75,7 @@ def heldout_split(seed: int = 0, digits_per_style: int = 0):
     digits of every style, style-major): the digits world's split of the digits, in every style (a held-out
     digit is held out in all its styles)."""
     n = digits_per_style or len(_styled()[0]) // len(STYLES)
-    train, held = digits.heldout_split(n, seed)
+    train, held = digits_data.heldout_split(n, seed)
     return tuple(torch.cat([idx + s * n for s in range(len(STYLES))]) for idx in (train, held))
 
 
@@ -115,8 +110,6 @@ def score_pipeline(pipe, classifier, per_combination: int = 20, sampler: Sampler
 def build_world(dest: Path, recipe: Recipe = Recipe(), progress: bool = True) -> dict:
     """Train every part of the world and save it into `dest` (which must not exist). Returns world.json's
     dict."""
-    from diffusers import StableDiffusionPipeline
-
     from ..tokenizer import build_clip_tokenizer
 
     t0 = time.time()
@@ -142,15 +135,10 @@ def build_world(dest: Path, recipe: Recipe = Recipe(), progress: bool = True) ->
         phrasings = [combo_prompts(d, s) for d, s in COMBINATIONS]
         unet, text_encoder = digits._train_unet(unet, text_encoder, tokenizer, scheduler, lat_mean, lat_std,
                                                 combo, recipe, gen, bar, phrasings=phrasings)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler)
     scores, _, _, _ = score_pipeline(pipe, classifier, recipe.eval_per_combination,
                                      SamplerConfig(**recipe.sampler), progress=progress)
-    pipe.save_pretrained(dest / "pipeline", safe_serialization=True)
-    classifier.save(dest / "classifier")
-    info = {
+    return save_world(dest, pipe, classifier, {
         "version": WORLD_VERSION,
         "recipe": asdict(recipe),
         "styles": STYLES,
@@ -162,13 +150,7 @@ def build_world(dest: Path, recipe: Recipe = Recipe(), progress: bool = True) ->
         "base_both_accuracy": scores["both_accuracy"],
         "base_scores": scores,
         "base_samples_per_combination": recipe.eval_per_combination,
-        "sampler": recipe.sampler,
-        "build_seconds": round(time.time() - t0, 1),
-        "torch": torch.__version__,
-        "files": digits._file_hashes(dest),
-    }
-    (dest / "world.json").write_text(json.dumps(info, indent=2))  # written last: marks the build complete
-    return info
+    }, recipe, t0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -176,28 +158,17 @@ def build_world(dest: Path, recipe: Recipe = Recipe(), progress: bool = True) ->
 
 
 @dataclass
-class StylesWorld:
-    path: Path
-    info: dict
-    pipeline: object
+class StylesWorld(BuiltWorld):
     classifier: InkDigitClassifier
-
-    @property
-    def pipeline_path(self) -> Path:
-        return self.path / "pipeline"
-
-    @property
-    def sampler(self) -> SamplerConfig:
-        return SamplerConfig(**self.info["sampler"])
 
 
 def world_path(cache_dir=None, recipe: Recipe = Recipe()) -> Path:
-    return digits.world_path(cache_dir, recipe, WORLD_VERSION)
+    return cache.world_path(cache_dir, recipe, WORLD_VERSION)
 
 
 def world_problem(path: Path, recipe: Recipe | None = None) -> str | None:
     """Why the world at `path` cannot be used (missing, partial, corrupt, stale), or None if complete."""
-    return digits.world_problem(path, recipe, WORLD_VERSION)
+    return cache.world_problem(path, recipe, WORLD_VERSION)
 
 
 def _summary(info: dict) -> str:
@@ -210,19 +181,12 @@ def _summary(info: dict) -> str:
 def ensure_world(cache_dir=None, recipe: Recipe = Recipe(), progress: bool = True,
                  rebuild: bool = False) -> Path:
     """Path of a complete world, building it (atomically, under a lock) when missing, partial or corrupt."""
-    return digits.ensure_built(world_path(cache_dir, recipe), recipe, build_world, WORLD_VERSION, "styles",
-                               _summary, progress, rebuild)
+    return cache.ensure_built(world_path(cache_dir, recipe), recipe, build_world, WORLD_VERSION, "styles",
+                              _summary, progress, rebuild)
 
 
 def load_world(cache_dir=None, recipe: Recipe = Recipe(), progress: bool = True, device="cpu") -> StylesWorld:
-    from diffusers import StableDiffusionPipeline
-
-    path = ensure_world(cache_dir, recipe, progress)
-    pipe = StableDiffusionPipeline.from_pretrained(path / "pipeline", safety_checker=None,
-                                                   requires_safety_checker=False).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    info = json.loads((path / "world.json").read_text())
-    return StylesWorld(path, info, pipe, InkDigitClassifier.load(path / "classifier").to(device))
+    return cache.load_built(ensure_world(cache_dir, recipe, progress), StylesWorld, InkDigitClassifier, device)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -231,30 +195,17 @@ def load_world(cache_dir=None, recipe: Recipe = Recipe(), progress: bool = True,
 
 @cli_errors
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastunlearn.worlds.styles", description=(
+    args, world = world_command(argv, "python -m fastunlearn.worlds.styles", (
         "Build (or load) the embedded styles world, then write a grid of its samples (a row per style) and "
-        "the judges' accuracy on them (digit classifier and exact style rules)."))
-    p.add_argument("--cache-dir", default=None,
-                   help="cache directory (default: $FASTUNLEARN_CACHE or ~/.cache/fastunlearn)")
-    p.add_argument("--out", default="outputs/styles",
-                   help="where to write grid.png and samples.json (default: %(default)s)")
-    p.add_argument("--samples-per-combination", type=int, default=20,
-                   help="samples per (digit, style) (default: %(default)s)")
-    p.add_argument("--rebuild", action="store_true",
-                   help="rebuild the world even if a complete one is cached")
-    args = p.parse_args(argv)
-    if args.samples_per_combination < 1:
-        raise FastUnlearnError("--samples-per-combination must be at least 1")
-    if args.rebuild:
-        ensure_world(args.cache_dir, rebuild=True)
-    world = load_world(args.cache_dir)
+        "the judges' accuracy on them (digit classifier and exact style rules)."), "outputs/styles",
+        ("--samples-per-combination", "samples per (digit, style)"), ensure_world, load_world)
     scores, images, labels, styles = score_pipeline(world.pipeline, world.classifier,
                                                     args.samples_per_combination, world.sampler)
     out = ensure_writable_dir(Path(args.out), "output directory")
     first = [i for i in range(len(labels)) if i % args.samples_per_combination == 0]  # one per combination
-    digits.save_digit_grid(images[first], styles[first], out / "grid.png", row_names=STYLES,
-                           title=f"styles world: digit {scores['digit_accuracy']:.1%}, style "
-                                 f"{scores['style_accuracy']:.1%} as prompted")
+    save_digit_grid(images[first], styles[first], out / "grid.png", row_names=STYLES,
+                    title=f"styles world: digit {scores['digit_accuracy']:.1%}, style "
+                          f"{scores['style_accuracy']:.1%} as prompted")
     result = {"world": str(world.path), **scores, "samples_per_combination": args.samples_per_combination,
               "sampler": world.sampler.to_dict(),
               "classifier_heldout_accuracy": world.info["classifier_heldout_accuracy"]}
