@@ -15,7 +15,7 @@ class RunEvaluation:
     training, not after it."""
 
     def __init__(self, cfg, pipe, world, world_info, concepts, note):
-        from .evaluate import training_metrics
+        from .evaluation import training_metrics
 
         self.cfg, self.world, self.world_info, self.concepts, self.note = cfg, world, world_info, concepts, note
         self.metric_nets = training_metrics(cfg.eval, pipe, world_info, note)
@@ -38,7 +38,7 @@ class RunEvaluation:
 
     def evaluator(self, teacher_pipe, forget, retain, anchors, device, final: bool):
         """The in-training (`final=False`, cheaper) or final evaluation sets (fastunlearn.evaluate)."""
-        from .evaluate import training_evaluator
+        from .evaluation import training_evaluator
         from .judges import make_judge
 
         clip = self.clip_scorer(device)
@@ -86,7 +86,7 @@ class RunEvaluation:
     def write(self, tmp, report: dict, evaluator, teacher_images, student_images, command: str) -> None:
         """Into the run's unpublished folder `tmp`: the grid, the model card, then report.json."""
         from .card import write_model_card
-        from .evaluate import comparison_rows, save_comparison_grid
+        from .evaluation import comparison_rows, save_comparison_grid
 
         rows = comparison_rows(evaluator, teacher_images, student_images, self.cfg.eval.grid_seeds)
         title = f"{self.cfg.method}: original vs unlearned, same seeds"

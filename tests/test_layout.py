@@ -65,7 +65,7 @@ def test_world_names_are_resolved_in_one_place():
     from fastunlearn import worlds
 
     assert worlds.get("digits").name == "digits" and worlds.get("path/to/sd15") is None
-    for path in ("models.py", "train.py", "data.py", "evaluate.py"):
+    for path in ("models.py", "train.py", "data.py", "evaluate.py", "evaluation.py", "report.py", "cli.py"):
         text = (ROOT / "fastunlearn" / path).read_text()
         assert "worlds.digits" not in text and '== "digits"' not in text, path
 
@@ -76,3 +76,98 @@ def test_old_method_args_section_names_the_new_keys():
 
     with pytest.raises(FastUnlearnError, match="alpha -> ovw.alpha"):
         apply_dict(TrainConfig(), {"method_args": {"alpha": 0.5}})
+
+
+# ---- the architecture stays visible: modules of a readable size, imports that run one way ----------------------
+MAX_LINES = 450
+
+
+def _modules() -> dict[str, Path]:
+    """Every module of the package, by dotted name (kernels/ as fastunlearn.kernels)."""
+    out = {}
+    for base, prefix in ((ROOT / "fastunlearn", ("fastunlearn",)), (ROOT / "kernels", ("fastunlearn", "kernels"))):
+        for path in base.rglob("*.py"):
+            if base.name == "fastunlearn" and "kernels" in path.relative_to(base).parts[:1]:
+                continue  # the link to kernels/: counted once, from there
+            parts = (*prefix, *path.relative_to(base).with_suffix("").parts)
+            out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def _imports(name: str, path: Path, modules: dict) -> set[str]:
+    """The package's modules that `name` imports anywhere in its file (at the top, in functions, under
+    TYPE_CHECKING), read with ast; a parent package it imports implicitly is not counted."""
+    import ast
+
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, base] if base else parts)
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in modules:
+                target = target.rpartition(".")[0]
+            if target and target != name and not name.startswith(target + "."):
+                found.add(target)
+    return found
+
+
+def test_no_module_is_over_450_lines():
+    long = {name: n for name, path in _modules().items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_the_package_has_no_import_cycle():
+    """Lazy imports included: a cycle through a function-level import still ties the two modules together."""
+    modules = _modules()
+    graph = {name: _imports(name, path, modules) for name, path in modules.items()}
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(v):  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    assert not cycles, f"import cycles: {cycles}"
+
+
+def test_config_is_the_bottom_layer():
+    modules = _modules()
+    assert _imports("fastunlearn.config", modules["fastunlearn.config"], modules) == {
+        "fastunlearn.errors", "fastunlearn.settings"}
+
+
+def test_the_checker_sees_a_lazy_cycle(tmp_path):
+    """The cycle test is not vacuous: a function-level import back is found."""
+    a, b = tmp_path / "a.py", tmp_path / "b.py"
+    a.write_text("from . import b\n")
+    b.write_text("def f():\n    from .a import x\n")
+    modules = {"p.a": a, "p.b": b}
+    assert _imports("p.a", a, modules) == {"p.b"} and _imports("p.b", b, modules) == {"p.a"}

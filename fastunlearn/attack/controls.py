@@ -40,7 +40,7 @@ def world_concept(world, concept: str, cache_dir=None):
 def check_same_model(original, unlearned) -> None:
     """An unlearned pipeline must be the original's architecture: same pipeline class, scheduler, image size,
     UNet layout and vocabulary (fastunlearn.evaluate._compatible plus the architecture)."""
-    from ..evaluate import _compatible
+    from ..evaluation import _compatible
 
     if type(original) is not type(unlearned):
         raise FastUnlearnError(f"the unlearned pipeline is a {type(unlearned).__name__} but the original a "

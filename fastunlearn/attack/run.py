@@ -59,7 +59,7 @@ def run_attack(original_path, unlearned_path, concept, forget_prompts=None, out_
     classifier) that scores the samples; default: the embedded world's classifier, else none (loss only).
     options: any other AttackConfig field."""
     from .. import worlds
-    from ..evaluate import save_comparison_grid
+    from ..evaluation import save_comparison_grid
     from ..export import load_run
     from ..models import fingerprint, load_pipeline
     from ..outputs import check_output_path, strict_json
