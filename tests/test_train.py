@@ -116,7 +116,7 @@ def test_checkpoint_restores_saddle_state_optimizer_step_and_rng(tiny_sd_path, p
     rng = torch.get_rng_state()
     saved_state = a.method.state_dict()
     saved_weights = {k: v.clone() for k, v in a.engine.module.state_dict().items()}
-    saved_opt = {k: v.clone() for k, v in a.optimizer.state_dict()["state"][0].items() if torch.is_tensor(v)}
+    saved_opt = {k: v.clone() for k, v in a.engine.optimizer.state_dict()["state"][0].items() if torch.is_tensor(v)}
     torch.manual_seed(1234)  # scramble the RNG; resume must restore it
     a.folder.release()  # the output folder's lock, as at the end of a run
 
@@ -128,7 +128,7 @@ def test_checkpoint_restores_saddle_state_optimizer_step_and_rng(tiny_sd_path, p
     assert torch.equal(torch.get_rng_state(), rng)
     for k, v in b.engine.module.state_dict().items():
         assert torch.equal(v, saved_weights[k]), k
-    opt = b.optimizer.state_dict()["state"][0]
+    opt = b.engine.optimizer.state_dict()["state"][0]
     for k, v in saved_opt.items():
         assert torch.equal(opt[k], v), k
 
