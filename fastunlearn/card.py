@@ -125,6 +125,8 @@ def _table(header: tuple, rows: list) -> str:
 
 
 def _erased(report: dict) -> str:
+    if report.get("forget_digit") is not None:
+        return f"**the digit {report['forget_digit']}** ({report.get('world', 'digits world')})"
     if report.get("forget_concept"):
         return f"**{report['forget_concept']}** ({report.get('world', 'embedded world')})"
     concepts = report.get("forget_concepts")
