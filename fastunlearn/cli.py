@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lpips-weights", default=None, metavar="PATH",
                    help="torchvision's alexnet weights file for LPIPS-alex (eval.lpips_weights; default: the torch "
                         "hub cache, downloaded there when online)")
+    p.add_argument("--robust", action="store_true", default=None,
+                   help="adversarial unlearning, with any method: an inner Concept Inversion attack on the student "
+                        "every robust.every steps, whose embeddings the forget term also sees (robust.enabled; "
+                        "settings robust.*, docs/methods.md; default: off)")
+    p.add_argument("--robust-concept", default=None, metavar="WORD",
+                   help="the concept word of the forget prompts that --robust's attack replaces, 'a,b' for either "
+                        "(robust.concept; default: the embedded world's, e.g. the digit and its name)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --output-dir (default: refuse)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other config key, dotted for sections, e.g. --set saddle.tau=0.1 --set lr=1e-4")
@@ -123,6 +130,10 @@ def config_from_args(argv=None) -> TrainConfig:
         cfg.lora.rank = args.lora_rank
     if args.overwrite:
         cfg.overwrite = True
+    if args.robust:
+        cfg.robust.enabled = True
+    if args.robust_concept is not None:
+        cfg.robust.concept = args.robust_concept
     if args.fid_weights is not None:
         cfg.eval.fid, cfg.eval.fid_weights = "inception", args.fid_weights
     if args.lpips_weights is not None:
@@ -147,13 +158,15 @@ def command_line(argv) -> str:
 def check_run(cfg: TrainConfig) -> TrainConfig:
     """Every key of `cfg` checked, each by the component it belongs to, before anything is loaded or written:
     the config's types and ranges (and the methods' sections), the judges' and metrics' keys, the tracking
-    backend, the checkpoint to resume from. Returns `cfg`."""
+    backend, the checkpoint to resume from, --robust's concept word. Returns `cfg`."""
     from .checkpoint import check_resume
     from .judges import check_eval_config
+    from .robust import check_robust
     from .tracking import check_available
 
     cfg.validate()
     check_available(cfg.report_to)
     check_resume(cfg)
     check_eval_config(cfg.eval, "eval.", worlds.get(cfg.model, cfg.cache_dir))
+    check_robust(cfg)  # the concept word against the forget prompts
     return cfg

@@ -84,6 +84,30 @@ class LoRAConfig:
 
 
 @dataclass
+class RobustConfig:
+    """`--robust`: an inner Concept Inversion attack during training (fastunlearn.robust, docs/methods.md, "Robust
+    unlearning"). The defaults are first guesses, not yet measured on the digits world."""
+
+    enabled: bool = False              # --robust
+    concept: str | None = None         # the word(s) of the forget prompts the attack replaces ("3,three": either);
+                                       # default: the embedded world's concept (digits: the digit and its name)
+    init_word: str = "a"               # odd pool entries start as this word (the attack's init), even ones as the concept
+    pool: int = num(4, 1)              # adversarial embeddings kept (one row per text encoder each), warm-started
+    every: int = num(20, 1)            # refresh the pool after every N optimiser steps ...
+    steps: int = num(8, 1)             # ... with this many AdamW steps of the inversion loss on the current student
+    batch: int = num(8, 1)             # rows (x_0, noise, t) per inner step, spread over the pool's entries
+    lr: float = num(5e-3, above=0)     # the inner AdamW's lr (weight decay 1e-2: the attack's)
+    share: float = num(0.5, hi=1, above=0)  # adversarial copies per step, as a share of forget_batch_size
+    strength_samples: int = num(16, 0)  # samples judged at each refresh for the pool's strength (0: not measured)
+
+    def check(self, prefix: str) -> None:
+        if not str(self.init_word).strip():
+            raise FastUnlearnError(f"{prefix}init_word is empty")
+        if self.concept is not None and not [w for w in str(self.concept).split(",") if w.strip()]:
+            raise FastUnlearnError(f"{prefix}concept is empty: give the concept word of the forget prompts")
+
+
+@dataclass
 class TrainConfig:
     model: str = "digits"
     method: str = "saddle"
@@ -134,6 +158,7 @@ class TrainConfig:
                                                # default behaviour); a path: that checkpoint of output_dir/checkpoints
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
 
     def validate(self) -> TrainConfig:
         if self.method not in METHODS:
@@ -160,6 +185,9 @@ class TrainConfig:
             if self.teacher != "auto":
                 raise FastUnlearnError(f"teacher: {self.teacher} does not apply with LoRA: the teacher is the student "
                                        "with its adapters switched off (leave teacher at auto)")
+        if self.robust.enabled and self.zero_stage == 3:
+            raise FastUnlearnError("--robust runs with ZeRO stages 0-2, not 3: its inner attack calls the student's "
+                                   "module directly, whose weights ZeRO-3 partitions; use --zero-stage 2")
         if self.retain_target not in ("teacher", "noise"):
             raise FastUnlearnError(f"retain_target must be teacher or noise, got {self.retain_target!r}")
         if not str(self.output_dir).strip():

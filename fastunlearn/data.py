@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +122,13 @@ def resolve_prompts(cfg: TrainConfig):
     return forget, retain, anchors, info, concepts
 
 
+def concept_pattern(words) -> re.Pattern:
+    """Every whole-word occurrence of one of `words` (case-insensitive, the longest first): what an attack on the
+    concept, or robust training, puts its learned token in place of."""
+    alts = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+    return re.compile(rf"(?<!\w)(?:{alts})(?!\w)", re.IGNORECASE)
+
+
 def teacher_latents(pipe, prompts, per_prompt, steps, guidance, cache_key, cfg: TrainConfig, rank):
     """Data-free mode: x_0 latents sampled once from the teacher per prompt, cached on disk, reused."""
     from safetensors.torch import load_file, save_file
@@ -184,7 +192,7 @@ class Batches:
         return x0 if kind == "sample" else noise
 
     def step(self, step: int, micro: int):
-        from .methods import Step
+        from .step import Step
 
         g = torch.Generator().manual_seed(hash((self.cfg.seed, step, micro, self.rank)) & (2 ** 63 - 1))
         cfg, T = self.cfg, self.scheduler.config.num_train_timesteps

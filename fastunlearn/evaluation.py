@@ -90,16 +90,10 @@ class Evaluator:
         concept; `retain_rate`, the share of retain samples it says show none of the forget prompts' concepts.
         Contrast prompts: the retain prompts and `judge_contrast` (the anchors), never a forget prompt of the
         same concept (with several concepts, the other concepts' forget prompts are contrasts too)."""
-        forget_prompts = list(dict.fromkeys(self.forget[0]))
-        concept = dict(zip(self.forget[0], self.forget_groups or [None] * len(self.forget[0])))
-        contrast = [q for q in dict.fromkeys([*self.retain[0], *self.judge_contrast]) if q not in set(forget_prompts)]
-        f = torch.zeros(len(self.forget[0]), dtype=torch.bool)
+        f = self.shows_concept(forget_images, self.forget[0], judge_only=True)
         hit = torch.zeros(len(self.retain[0]), dtype=torch.bool)
-        for q in forget_prompts:
-            idx = [i for i, p in enumerate(self.forget[0]) if p == q]
-            others = [o for o in forget_prompts if concept[o] != concept[q]]
-            f[idx] = self.judge.rates(forget_images[idx], q, contrast + others).cpu().bool()
-            hit |= self.judge.rates(retain_images, q, contrast + others).cpu().bool()
+        for q in dict.fromkeys(self.forget[0]):
+            hit |= self.judge.rates(retain_images, q, self.contrast(q)).cpu().bool()
         out = {"forget_rate": float(f.float().mean()) if len(f) else None,
                "retain_rate": float((~hit).float().mean()) if len(hit) else None}
         if self.forget_seen is not None:
@@ -109,6 +103,31 @@ class Evaluator:
             out[f"retain_rate_by_{self.group_key}"] = self.by_group(~hit)
         if self.forget_groups is not None and len(f):
             out["forget_rate_by_concept"] = self.by_group(f, self.forget_groups)
+        return out
+
+    def contrast(self, q: str) -> list[str]:
+        """The judge's contrast prompts for forget prompt `q`: the retain prompts and `judge_contrast` (the anchors),
+        never a forget prompt of the same concept (with several concepts, the other concepts' forget prompts too)."""
+        forget_prompts = list(dict.fromkeys(self.forget[0]))
+        concept = dict(zip(self.forget[0], self.forget_groups or [None] * len(self.forget[0])))
+        plain = [p for p in dict.fromkeys([*self.retain[0], *self.judge_contrast]) if p not in set(forget_prompts)]
+        return plain + [o for o in forget_prompts if concept[o] != concept[q]]
+
+    def shows_concept(self, images, prompts, judge_only: bool = False) -> torch.Tensor | None:
+        """Whether each image, drawn for forget prompt `prompts[i]` (one of this evaluator's), shows that prompt's
+        concept: the classifier reads its forget label (forget accuracy), else the judge says so (forget rate);
+        None without either. fastunlearn.robust judges its adversarial samples with it."""
+        if self.classifier is not None and not judge_only:
+            label = self.forget_label
+            if torch.is_tensor(label) and label.ndim:  # one label per forget sample (several concepts)
+                label = torch.tensor([dict(zip(self.forget[0], label.tolist()))[p] for p in prompts])
+            return self.classifier.predict(images * 2 - 1).cpu() == label
+        if self.judge is None:
+            return None
+        out = torch.zeros(len(prompts), dtype=torch.bool)
+        for q in dict.fromkeys(prompts):
+            idx = [i for i, p in enumerate(prompts) if p == q]
+            out[idx] = self.judge.rates(images[idx], q, self.contrast(q)).cpu().bool()
         return out
 
     def base(self) -> dict:

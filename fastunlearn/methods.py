@@ -18,7 +18,6 @@ converted to it by the trainer).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,6 +27,7 @@ from .config import register_method
 from .errors import FastUnlearnError
 from .ops import noise_prediction_loss
 from .settings import num
+from .step import Context, Step  # noqa: F401  (a method's view of the run: fastunlearn.step)
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -40,49 +40,6 @@ def mse(student, targets, coeffs=None, weights=None):
         coeffs = [1.0] * len(targets)
     c = torch.tensor(coeffs, dtype=torch.float32, device=student.device).expand(B, -1)
     return noise_prediction_loss(student, list(targets), c, weights, check_finite=False)  # the trainer skips non-finite steps
-
-
-@dataclass
-class Step:
-    """One micro-batch. Forget rows first, then retain rows; `null_*` are unconditional prompt ids."""
-
-    x_f: torch.Tensor       # (Bf, C, h, w) noised forget latents
-    x_r: torch.Tensor       # (Br, C, h, w) noised retain latents
-    t_f: torch.Tensor
-    t_r: torch.Tensor
-    c_f: torch.Tensor       # prompt ids
-    c_r: torch.Tensor
-    a_f: torch.Tensor       # anchor prompt id per forget row
-    alt_r: torch.Tensor     # a random retain prompt id per forget row (SalUn)
-    eps_f: torch.Tensor     # denoising target of x_f in the model's output space (epsilon or v)
-    eps_r: torch.Tensor
-    fresh_f: torch.Tensor   # the same for an independent noise per forget row (EraseDiff's target)
-    student: callable       # student(*[(x, t, ids)], grad=True) -> list of outputs
-    teacher: callable       # teacher(*[(x, t, ids)]) -> list of outputs (no grad)
-
-    @property
-    def x_all(self):
-        return torch.cat([self.x_f, self.x_r])
-
-    @property
-    def t_all(self):
-        return torch.cat([self.t_f, self.t_r])
-
-    def null(self, n):
-        return torch.zeros(n, dtype=torch.long)
-
-
-@dataclass
-class Context:
-    """What a method may use of the run, handed to `Method.setup` (never the trainer itself)."""
-
-    module: torch.nn.Module                   # the student's module; its trained parameters require grad
-    make_step: Callable[[int, int], Step]     # make_step(step, micro): this rank's micro-batch (negative steps: probes)
-    call: Callable                            # call(items, params=None, grad=True): the student module on (x, t, ids)
-                                              # items in one batch, bypassing DeepSpeed; `params` substitutes values
-    teacher: Callable                         # teacher(*items) -> outputs, no grad
-    all_reduce: Callable[[float, str], float]  # all_reduce(value, "mean" | "max") over ranks
-    all_reduce_sum_: Callable[[torch.Tensor], None]  # in-place sum of a tensor over ranks
 
 
 class Method:
@@ -117,13 +74,12 @@ class Method:
     def r_and_g(self, st: Step):
         """R(θ) and G(θ) with one student call and one teacher call."""
         Bf = st.x_f.shape[0]
-        s_f, s_r, s_u = st.student((st.x_f, st.t_f, st.c_f), (st.x_r, st.t_r, st.c_r),
-                                   (st.x_all, st.t_all, st.null(len(st.x_all))))
+        s_f, s_r, s_u = st.student(st.forget(), (st.x_r, st.t_r, st.c_r), (st.x_all, st.t_all, st.null(len(st.x_all))))
         T_r, T_u, *extra = st.teacher((st.x_r, st.t_r, st.c_r), (st.x_all, st.t_all, st.null(len(st.x_all))),
                                       *self.forget_teacher_items(st))
         R = self.retain_from(st, s_r, s_u, T_r, T_u)
         targets, coeffs = self.forget_target(st, extra, T_u[:Bf])
-        G = mse(s_f, targets, coeffs)
+        G = mse(s_f, st.widen(*targets), coeffs)  # robust: over the forget rows and their adversarial copies
         return R, G
 
     def retain_from(self, st: Step, s_r, s_u, T_r, T_u):
@@ -303,10 +259,10 @@ class ESD(Method):
     name = "esd"
 
     def loss(self, st):
-        (s_f,) = st.student((st.x_f, st.t_f, st.c_f))
+        (s_f,) = st.student(st.forget())
         T_null, *extra = st.teacher((st.x_f, st.t_f, st.null(len(st.x_f))), *self.forget_teacher_items(st))
         targets, coeffs = self.forget_target(st, extra, T_null)
-        G = mse(s_f, targets, coeffs)
+        G = mse(s_f, st.widen(*targets), coeffs)
         return G, {"G": G}
 
 
@@ -322,8 +278,8 @@ class GA(Method):
     Config = GAConfig
 
     def loss(self, st):
-        R, (s_f,), _ = self.retain_only(st, extra_student=[(st.x_f, st.t_f, st.c_f)])
-        F = mse(s_f, [st.eps_f])
+        R, (s_f,), _ = self.retain_only(st, extra_student=[st.forget()])
+        F = mse(s_f, st.widen(st.eps_f))
         return R - self.args.beta * F, {"R": R, "F": F}
 
 
@@ -333,9 +289,9 @@ class ConceptAblation(Method):
     name = "ca"
 
     def loss(self, st):
-        R, (s_f,), _ = self.retain_only(st, extra_student=[(st.x_f, st.t_f, st.c_f)])
+        R, (s_f,), _ = self.retain_only(st, extra_student=[st.forget()])
         (anchor,) = st.student((st.x_f, st.t_f, st.a_f), grad=False)
-        G = mse(s_f, [anchor])
+        G = mse(s_f, st.widen(anchor))
         return R + G, {"R": R, "G": G}
 
 
@@ -376,9 +332,9 @@ class SalUn(Method):
         self.mask_fraction = float(sum(m.sum() for m in masks) / flat.numel())
 
     def loss(self, st):
-        R, (s_f,), _ = self.retain_only(st, extra_student=[(st.x_f, st.t_f, st.c_f)])
+        R, (s_f,), _ = self.retain_only(st, extra_student=[st.forget()])
         (relabel,) = st.student((st.x_f, st.t_f, st.alt_r), grad=False)
-        G = mse(s_f, [relabel])
+        G = mse(s_f, st.widen(relabel))
         return G + self.args.alpha * R, {"R": R, "G": G}
 
     def report(self):
@@ -406,20 +362,20 @@ class EraseDiff(Method):
     def inner_forget_value(self, st) -> torch.Tensor:
         """f̂: f after K SGD steps from the current weights, taken on a functional copy (weights untouched)."""
         params = {n: p.detach().clone() for n, p in self.ctx.module.named_parameters() if p.requires_grad}
-        items = [(st.x_f, st.t_f, st.c_f)]
+        items, (target,) = [st.forget()], st.widen(st.fresh_f)
         for _ in range(self.args.inner_steps):
             for p in params.values():
                 p.requires_grad_(True)
             (out,) = self.ctx.call(items, params=params, grad=True)
-            grads = torch.autograd.grad(mse(out, [st.fresh_f]), list(params.values()))
+            grads = torch.autograd.grad(mse(out, [target]), list(params.values()))
             params = {n: (p - self.args.inner_lr * g).detach() for (n, p), g in zip(params.items(), grads)}
         (out,) = self.ctx.call(items, params=params, grad=False)
-        return mse(out, [st.fresh_f]).detach()
+        return mse(out, [target]).detach()
 
     def loss(self, st):
         f_hat = self.inner_forget_value(st)
-        R, (s_f,), _ = self.retain_only(st, extra_student=[(st.x_f, st.t_f, st.c_f)])
-        f = mse(s_f, [st.fresh_f])
+        R, (s_f,), _ = self.retain_only(st, extra_student=[st.forget()])
+        f = mse(s_f, st.widen(st.fresh_f))
         return R + self.args.lambda_b * (f - f_hat), {"R": R, "F": f, "f_hat": f_hat}
 
 

@@ -126,6 +126,12 @@ def prompt_overflow(pipe, prompts) -> list[str]:
     return out
 
 
+def encoders(pipe) -> list[tuple]:
+    """(tokenizer, text encoder) pairs: one for SD 1.x/2.x, two for SDXL."""
+    pairs = [(pipe.tokenizer, pipe.text_encoder), (getattr(pipe, "tokenizer_2", None), getattr(pipe, "text_encoder_2", None))]
+    return [(tok, enc) for tok, enc in pairs if tok is not None and enc is not None]
+
+
 def is_sdxl(pipe) -> bool:
     return getattr(pipe, "text_encoder_2", None) is not None or pipe.unet.config.addition_embed_type == "text_time"
 
@@ -177,6 +183,14 @@ class Conditioner:
 
     def ids(self, prompts) -> torch.Tensor:
         return torch.tensor([self.index[p] for p in prompts], dtype=torch.long)
+
+    def set_extra(self, hidden: torch.Tensor, pooled: torch.Tensor | None = None) -> None:
+        """Conditioning computed elsewhere as the rows after the prompts' own (ids len(prompts), ...): the
+        adversarial forget prompts of fastunlearn.robust. Replaces the extra rows set before."""
+        n = len(self.prompts)
+        self.hidden = torch.cat([self.hidden[:n], hidden.to(self.hidden)])
+        if self.sdxl:
+            self.pooled = torch.cat([self.pooled[:n], pooled.to(self.pooled)])
 
     def kwargs(self, idx: torch.Tensor) -> dict:
         idx = idx.to(self.hidden.device)

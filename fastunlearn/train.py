@@ -46,6 +46,7 @@ from fastunlearn.engine import (  # noqa: E402
 )
 from fastunlearn.errors import FastUnlearnError, cli_errors  # noqa: E402
 from fastunlearn.outputs import RunFolder  # noqa: E402
+from fastunlearn.robust import make_robust  # noqa: E402
 from fastunlearn.sampling import with_unet  # noqa: E402
 from fastunlearn.tracking import Tracker  # noqa: E402
 
@@ -128,6 +129,7 @@ class Trainer:
         self.calls.engine = self.engine
         self.guard = StepGuard(self.engine.basic_optimizer)  # the optimizer DeepSpeed steps, whoever built it
         self.step, self.history, self.steps_to_converge, self.nonfinite_in_row, self.skipped_steps = 0, [], None, 0, []
+        self.robust = make_robust(self)  # --robust: the adversarial pool (fastunlearn.robust), else a no-op
 
     def context(self):
         """The narrow view of the run a method gets at setup (fastunlearn.methods.Context)."""
@@ -138,7 +140,7 @@ class Trainer:
 
     def make_step(self, step: int, micro: int):
         """The micro-batch of (step, micro, rank): a pure function of the seed, so a resumed run sees the same data."""
-        return self.batches.step(step, micro)
+        return self.robust.extend(self.batches.step(step, micro), step, micro)  # --robust: + adversarial rows
 
     # ---- evaluation (fastunlearn.report) -----------------------------------------------------------
     def note(self, text: str):
@@ -164,7 +166,7 @@ class Trainer:
         a kill at any moment leaves the last complete checkpoint intact."""
         state = {"step": self.step, "method": self.method.state_dict(), "history": self.history,
                  "steps_to_converge": self.steps_to_converge, "torch_rng": torch.get_rng_state(),
-                 "nonfinite_in_row": self.nonfinite_in_row, "skipped_steps": self.skipped_steps}
+                 "nonfinite_in_row": self.nonfinite_in_row, "skipped_steps": self.skipped_steps, "robust": self.robust.state_dict()}
         checkpoint.save(self.engine, self.out / "checkpoints", self.step, state, self.cfg.keep_checkpoints,
                         self.rank, self.world)
 
@@ -177,8 +179,8 @@ class Trainer:
         path, state = found
         self.step, self.history, self.steps_to_converge = state["step"], state["history"], state["steps_to_converge"]
         self.method.load_state_dict(state["method"])
-        self.nonfinite_in_row = state.get("nonfinite_in_row", 0)
-        self.skipped_steps = state.get("skipped_steps", [])
+        self.robust.load_state_dict(state.get("robust"))
+        self.nonfinite_in_row, self.skipped_steps = state.get("nonfinite_in_row", 0), state.get("skipped_steps", [])
         torch.set_rng_state(state["torch_rng"])
         self.log(f"resumed from {path} at step {self.step}")
         if self.rank == 0:
@@ -243,6 +245,7 @@ class Trainer:
             self.guard.skip_next = False
             self.step += 1
             bar.update(1)
+            self.robust.refresh(self.step)  # every robust.every steps: the inner attack moves the pool on
             skipped = self.guard.skipped or bool(getattr(self.engine.optimizer, "overflow", False) and cfg.mixed_precision != "fp16")
             if bad_terms or skipped:
                 self.nonfinite_step(bad_terms)
@@ -251,7 +254,7 @@ class Trainer:
             logs = {k: all_reduce(v) for k, v in logs.items()}
             self.method.after_step(logs, self.step)
             self.tracker.log({**logs, "lr": group["lr"]}, self.step, "train/")
-            bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k in ("loss", "lam", "probe", "G", "R")})
+            bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k in ("loss", "lam", "probe", "G", "R")} | self.robust.postfix)
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 self.log(f"step {self.step} " + " ".join(f"{k}={v:.5g}" for k, v in logs.items()))
             if evaluator is not None and cfg.eval.due(self.step) and self.step < cfg.max_steps:
@@ -306,7 +309,7 @@ class Trainer:
                "notes": self.notes, "skipped_steps": self.skipped_steps}
         report = self.evaluation.report(run, metrics, base, evaluator, teacher_facts(cfg, self.teacher, self.student),
                                         self.t_start)
-        report.update(self.method.report())
+        report.update(**self.method.report(), **self.robust.report())
         tmp = self.folder.tmp_dir()  # everything is written here first, then moved into place
         names = trained_names(self.student, lora=bool(cfg.lora.rank))  # as named in the merged UNet
         save_unlearned(tmp, cfg, self.pipe, unet, names, self.step, self.dtype)

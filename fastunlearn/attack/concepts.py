@@ -2,7 +2,6 @@
 prompts with their concept word replaced, and the original model's x_0 samples of them (docs/attacks.md)."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 
 import torch
@@ -59,8 +58,9 @@ class AttackConfig:
 def replace_concept(prompt: str, words, token: str = TOKEN) -> str | None:
     """`prompt` with every whole-word occurrence of one of `words` (case-insensitive) replaced by `token`,
     or None when it names none of them."""
-    alts = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
-    new = re.sub(rf"(?<!\w)(?:{alts})(?!\w)", token, prompt, flags=re.IGNORECASE)
+    from ..data import concept_pattern
+
+    new = concept_pattern(words).sub(token, prompt)
     return new if new != prompt else None
 
 

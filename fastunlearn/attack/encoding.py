@@ -3,11 +3,7 @@ from __future__ import annotations
 
 import torch
 
-
-def encoders(pipe) -> list[tuple]:
-    """(tokenizer, text encoder) pairs: one for SD 1.x/2.x, two for SDXL."""
-    pairs = [(pipe.tokenizer, pipe.text_encoder), (getattr(pipe, "tokenizer_2", None), getattr(pipe, "text_encoder_2", None))]
-    return [(tok, enc) for tok, enc in pairs if tok is not None and enc is not None]
+from ..models import encoders  # noqa: F401  (the pipeline's (tokenizer, text encoder) pairs)
 
 
 def encode(pipe, prompts, device):

@@ -75,6 +75,10 @@ class World:
             return forget, retain, {"forget_digit": digits[0]}
         return forget, retain, {"forget_digits": digits, "concepts": {names[d]: d for d in digits}}
 
+    def concept_words(self, info) -> list[str]:
+        """The words that name the forgotten digit(s) in their prompts ("3", "three"): what --robust replaces."""
+        return [w for d in info.get("forget_digits", [info.get("forget_digit")]) for w in (str(d), DIGIT_WORDS[d])]
+
     def _loaded(self) -> DigitsWorld:
         if not hasattr(self, "_world"):
             self._world = load_world(self.cache_dir, progress=False)

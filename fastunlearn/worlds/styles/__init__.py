@@ -134,6 +134,16 @@ class World:
             retain = self.retain_prompts(info)
         return forget, retain, info
 
+    def concept_words(self, info) -> list[str] | None:
+        """The words that name the concept in its prompts, what --robust replaces: the digit ("3", "three") or a
+        one-word style ("red"); None for a two-word style, whose words stand apart (give robust.concept)."""
+        if info.get("task") == "digit":
+            from ..digits.data import DIGIT_WORDS
+
+            return [str(info["forget_digit"]), DIGIT_WORDS[info["forget_digit"]]]
+        words = str(info.get("forget_style", "")).split()
+        return words if len(words) == 1 else None
+
     def eval_prompts(self) -> list[str]:
         """The canonical prompt of every (digit, style)."""
         return [combo_prompts(d, s)[0] for d, s in COMBINATIONS]
