@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from fastunlearn.card import wilson  # the Wilson interval of the model cards
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["saddle", "ovw", "esd", "ga", "erasediff", "salun", "ca"]
@@ -107,14 +108,6 @@ def same_run_of(reports: list[dict], r: dict, name: str) -> dict | None:
     """The run labelled `name` with r's task and seed."""
     return next((o for o in reports if label(o) == name and task_of(o) == task_of(r)
                  and o.get("seed") == r.get("seed")), None)
-
-
-def wilson(p: float | None, n: int, z: float = 1.96) -> tuple[float, float] | None:
-    """The Wilson 95 % interval of a share p of n samples (not degenerate at 0 or 1, unlike p ± 1.96·√(p(1−p)/n))."""
-    if p is None or not n:
-        return None
-    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))  # p inside despite rounding
 
 
 def intervals(r: dict) -> dict[str, tuple[float, float, float]]:

@@ -25,12 +25,13 @@ SETTINGS = ("params", "forget_target", "lr", "max_steps", "forget_batch_size", "
 
 
 def wilson(p: float | None, n: int, z: float = 1.96) -> tuple[float, float] | None:
-    """The Wilson score interval of a share p of n samples (None when p is unknown or n is 0)."""
+    """The Wilson score interval of a share p of n samples (not degenerate at 0 or 1, unlike
+    p ± 1.96·√(p(1−p)/n)); None when p is unknown or n is 0."""
     if p is None or not n:
         return None
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    return min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))  # p inside despite rounding
 
 
 def _share(value, n) -> str:

@@ -103,19 +103,19 @@ def resume_run(engine, cfg, rank: int, world: int, warn):
     """The checkpoint a run continues from, loaded into `engine`: `cfg.resume_from_checkpoint` when it names one
     of output_dir/checkpoints, else the last complete one there (partial ones from a killed run are ignored
     with a warning). Returns (path, the run's saved state) or None."""
-    spec, ckpt_dir = cfg.resume_from_checkpoint, Path(cfg.output_dir) / "checkpoints"
-    tag = resolve_checkpoint(ckpt_dir, spec) if spec not in (None, "latest") else None
-    found = resume(engine, ckpt_dir, rank, world, warn, tag=tag)
-    if found is None and spec == "latest":
+    ckpt_dir = Path(cfg.output_dir) / "checkpoints"
+    found = resume(engine, ckpt_dir, rank, world, warn, tag=check_resume(cfg))
+    if found is None and cfg.resume_from_checkpoint == "latest":
         warn(f"resume_from_checkpoint latest: no complete checkpoint in {ckpt_dir}; starting a new run")
     return found
 
 
-def check_resume(cfg) -> None:
-    """`resume_from_checkpoint` (of a TrainConfig), when it names a checkpoint: a complete one of the run's
-    output_dir/checkpoints, or a one-line error before anything is loaded."""
-    if cfg.resume_from_checkpoint not in (None, "latest"):
-        resolve_checkpoint(Path(cfg.output_dir) / "checkpoints", cfg.resume_from_checkpoint)
+def check_resume(cfg) -> str | None:
+    """The tag of the checkpoint `resume_from_checkpoint` (of a TrainConfig) names: a complete one of the run's
+    output_dir/checkpoints, or a one-line error before anything is loaded. None: unset or `latest`."""
+    if cfg.resume_from_checkpoint in (None, "latest"):
+        return None
+    return resolve_checkpoint(Path(cfg.output_dir) / "checkpoints", cfg.resume_from_checkpoint)
 
 
 def resolve_checkpoint(ckpt_dir: Path, spec: str) -> str:
