@@ -91,7 +91,7 @@ class RobustConfig:
     enabled: bool = False              # --robust
     concept: str | None = None         # the word(s) of the forget prompts the attack replaces ("3,three": either);
                                        # default: the embedded world's concept (digits: the digit and its name)
-    init_word: str = "a"               # odd pool entries start as this word (the attack's init), even ones as the concept
+    init_word: str = "the"             # odd pool entries start as this word, even ones as the concept (not "a": the evaluation attack starts there)
     pool: int = num(4, 1)              # adversarial embeddings kept (one row per text encoder each), warm-started
     every: int = num(20, 1)            # refresh the pool after every N optimiser steps ...
     steps: int = num(8, 1)             # ... with this many AdamW steps of the inversion loss on the current student
