@@ -13,9 +13,15 @@ I_retain against forget accuracy and against the step, and Saddle's λ beside I_
 figure per (task, seed). In the styles world (docs/worlds-styles.md) a task is a style (`--forget-styles`)
 or a digit in every style (`--forget-digits`), and the table has unlearning accuracy and in- and cross-domain
 retain accuracy with their 95 % intervals, I_retain per neighbour group, and the pairs of methods whose 95 %
-intervals on a metric do not overlap. With --reuse, a run whose report.json exists is read, not rerun. With --attack every unlearned pipeline is also attacked (Concept Inversion,
-1,000 steps) and the table gains the forget accuracy under attack; the same attack on the original
-pipeline is the control (docs/attacks.md).
+intervals on a metric do not overlap. With --reuse, a run whose report.json exists is read, not rerun.
+
+With --attack every unlearned pipeline is also attacked three ways (benchmarks/compare_attack.py: Concept
+Inversion at the attack command's defaults, the prefix search, and Concept Inversion started from a retained
+word; docs/attacks.md), and a second table pools every run label over its tasks and seeds: forget accuracy
+without and under each attack with 95 % intervals, I_retain, and `X-robust`'s wall time against `X`'s:
+
+    python benchmarks/compare_methods.py --attack --run saddle --run saddle-robust=saddle,robust.enabled=true \
+        --seeds 0,1 --forget-digits 3,5
 """
 from __future__ import annotations
 
@@ -26,6 +32,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from compare_attack import attack, attack_cells, robust_table
 
 from fastunlearn.card import wilson  # the Wilson interval of the model cards
 
@@ -64,6 +72,8 @@ def run_method(label: str, method: str, sets: list[str], task: tuple[str, object
         report = json.loads(report_file.read_text())
         report.update(label=label, seed=seed, settings=sets[1::2])
         print(f"compare: reusing {report_file}", flush=True)
+        if args.attack:
+            report["attack"] = attack(out, task, args.world, args.attack_steps, reuse=True)
         return report
     kind, value = task
     cmd = [sys.executable, str(ROOT / "fastunlearn" / "train.py"), "--model", args.world, "--method", method,
@@ -80,17 +90,8 @@ def run_method(label: str, method: str, sets: list[str], task: tuple[str, object
     report = json.loads(report_file.read_text())
     report.update(label=label, seed=seed, settings=sets[1::2], process_wall_s=round(time.time() - t0, 1))
     if args.attack:
-        report["attack"] = attack(out, value, args.attack_steps)
+        report["attack"] = attack(out, task, args.world, args.attack_steps, reuse=False)
     return report
-
-
-def attack(pipeline, digit: int, steps: int) -> dict:
-    """Concept Inversion (fastunlearn.attack, docs/attacks.md) against `pipeline` at `steps`, no controls."""
-    from fastunlearn.attack import run_attack
-
-    rep = run_attack("digits", str(pipeline), str(digit), budgets=(steps,), steps=steps, controls=False, progress=False)
-    return {"forget_accuracy": rep["forget_accuracy_under_attack"][f"inversion@{steps}"], "steps": steps,
-            "wall_time_s": rep["inversion"]["unlearned"]["wall_time_s"]}
 
 
 def at_step(report: dict, step) -> float | None:
@@ -155,7 +156,8 @@ def table_styles(reports: list[dict]) -> str:
     accuracy) with Wilson 95 % intervals, I_retain with its normal 95 % half-width, then per neighbour group."""
     lines = ["| run | task | seed | unlearning acc (base) | in-domain retain acc (base) | cross-domain retain acc (base) | "
              "cross-domain forget acc | I_retain ± 95 % | I_forget | FID (fid-styles, retain) | steps_to_converge | "
-             "wall time (s) |", "|---" * 12 + "|"]
+             "wall time (s) | forget acc under attack (inversion / search / from a retained word) | attacks' wall time (s) |",
+             "|---" * 14 + "|"]
     for r in reports:
         base_ua = 1 - r["base_forget_accuracy"] if r.get("base_forget_accuracy") is not None else None
         conv = r.get("steps_to_converge")
@@ -165,7 +167,7 @@ def table_styles(reports: list[dict]) -> str:
             f"{ci_cell(r, 'cross_domain_retain_accuracy')} ({fmt(r.get('base_cross_domain_retain_accuracy'), 2)}) | "
             f"{ci_cell(r, 'cross_domain_forget_accuracy')} | {fmt(r['integrity_retain'])} ± {fmt(r['integrity_retain_ci95'])} | "
             f"{fmt(r['integrity_forget'])} | {fmt(r.get('fid_retain'), 2)} | {conv if conv is not None else '—'} | "
-            f"{r['wall_time_s']:.0f} |")
+            f"{r['wall_time_s']:.0f} | {attack_cells(r)}")
     return "\n".join(lines)
 
 
@@ -190,7 +192,8 @@ def table(reports: list[dict]) -> str:
     lines = ["| run | digit | seed | forget acc (seen / unseen phrasings) | retain acc (base) | I_retain ± 95 % | "
              "I_forget | FID (fid-digits, retain) | steps_to_converge | constraint_met_step | peak λ | "
              "I_retain at constraint_met_step (OVW there) | I_retain at convergence | I_retain at 3× convergence | "
-             "wall time (s) | forget acc under attack (inversion) | attack wall time (s) |", "|---" * 17 + "|"]
+             "wall time (s) | forget acc under attack (inversion / search / from a retained word) | attacks' wall time (s) |",
+             "|---" * 17 + "|"]
     for r in reports:
         conv, cms = r["steps_to_converge"], r.get("constraint_met_step")
         at_3x = at_step(r, 3 * conv) if conv is not None else None
@@ -203,8 +206,7 @@ def table(reports: list[dict]) -> str:
             f"{fmt(r['integrity_retain'])} ± {fmt(r['integrity_retain_ci95'])} | {fmt(r['integrity_forget'])} | "
             f"{fmt(r.get('fid_retain'), 2)} | {conv if conv is not None else '—'} | {cms or '—'} | "
             f"{fmt(r.get('peak_lambda'), 2)} | {at_cms} | {fmt(at_step(r, conv))} | {fmt(at_3x)} | {r['wall_time_s']:.0f} | "
-            f"{fmt(r['attack']['forget_accuracy'], 2) if r.get('attack') else '—'} | "
-            f"{fmt(r['attack']['wall_time_s'], 0) if r.get('attack') else '—'} |")
+            f"{attack_cells(r)}")
     return "\n".join(lines)
 
 
@@ -292,16 +294,14 @@ def main() -> int:
     p.add_argument("--out", default=None, help="runs, table.md and curves.png go here (default outputs/compare[-styles])")
     p.add_argument("--replot", action="store_true", help="redraw table.md and curves.png from --out/reports.json")
     p.add_argument("--reuse", action="store_true", help="read a run whose report.json exists in --out instead of rerunning it")
-    p.add_argument("--attack", action="store_true", help="also attack every unlearned pipeline with Concept Inversion "
-                                                           "(docs/attacks.md) and report forget accuracy under attack")
+    p.add_argument("--attack", action="store_true", help="also attack every unlearned pipeline (inversion, prefix search, "
+                   "inversion from a retained word; benchmarks/compare_attack.py) and report forget accuracy under attack")
     p.add_argument("--attack-steps", type=int, default=1000)
     p.add_argument("extra", nargs="*", help="extra train.py arguments after --, e.g. -- --set lr=1e-4")
     args = p.parse_args()
     styles = args.world == "styles"
     if args.forget_styles is not None and not styles:
         sys.exit("compare: --forget-styles needs --world styles")
-    if args.attack and styles:
-        sys.exit("compare: --attack supports the digits world only (fastunlearn.attack)")
     args.out = args.out or ("outputs/compare-styles" if styles else "outputs/compare")
     runs = [parse_run(r) for r in args.run] or [(m.strip(), m.strip(), []) for m in args.methods.split(",") if m.strip()]
     unknown = sorted({m for _, m, _ in runs} - set(METHODS))
@@ -341,6 +341,9 @@ def main() -> int:
               "|---|---|---|---|\n" + ("\n".join(sep) if sep else "| — | — | — | none |"))
     else:
         md = table(reports) + "\n\nPer retained digit (final evaluation): I_retain / retain accuracy\n\n" + table_by_digit(reports)
+    if any(r.get("attack") for r in reports):
+        md += ("\n\nUnder attack, per run label over its tasks and seeds (forget accuracy: Wilson 95 % over every judged "
+               "sample; I_retain: mean ± 1.96 SE):\n\n" + robust_table(reports, label, task_of))
     (out / "table.md").write_text(md + "\n")
     (out / "reports.json").write_text(json.dumps(reports, indent=2))
     groups = list(dict.fromkeys((task_of(r), r.get("seed")) for r in reports))

@@ -1,6 +1,7 @@
 """benchmarks/compare_methods.py's tables and interval logic, and the comparison grid's rows, on made-up reports
 (the runs themselves are benchmarks, not tests)."""
 import importlib.util
+import math
 import random
 import types
 from pathlib import Path
@@ -15,6 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def compare():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # as when run as a script: compare_attack sits beside it
     spec = importlib.util.spec_from_file_location("compare_methods", ROOT / "benchmarks" / "compare_methods.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -65,6 +69,31 @@ def test_styles_tables_and_separated_pairs(compare, tmp_path):
     assert compare.task_name(("style", "red bold")) == "red-bold" and compare.task_name(("digit", 3)) == "d3"
     compare.plot(reports[:3], tmp_path / "curves.png", "styles")  # no history: an empty figure, no error
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_robust_table_pools_each_label_and_pairs_robust_runs_with_their_plain_twins(compare):
+    import compare_attack
+
+    rng = random.Random(1)
+    reports = []
+    for seed in (0, 1):
+        for name, wall, under in (("saddle", 200.0, 0.5), ("saddle-robust", 300.0, 0.1)):
+            r = styles_report(name, "digit", 1.0, 1.0, 1.0, 0.03, rng)
+            r.update(seed=seed, forget_accuracy=0.0, wall_time_s=wall + seed,
+                     attack={"forget_accuracy": under, "search": 0.02, "retained": under / 2, "samples": 100,
+                             "wall_time_s": 50.0, "search_wall_time_s": 20.0, "retained_wall_time_s": 40.0})
+            reports.append(r)
+    md = compare_attack.robust_table(reports, compare.label, compare.task_of)
+    rows = {line.split(" | ")[0][2:]: line for line in md.splitlines()[2:]}
+    assert set(rows) == {"saddle", "saddle-robust"}
+    lo, hi = compare.wilson(0.1, 200)  # two runs of 100 judged samples each, pooled
+    assert f"0.10 [{lo:.2f}, {hi:.2f}]" in rows["saddle-robust"] and "| 2 (3 × 2) |" in rows["saddle"]
+    assert "1.50 (1.50–1.50)" in rows["saddle-robust"] and rows["saddle"].endswith("| — |")
+    assert f"0.030 ± {math.sqrt(2 * 0.02 ** 2) / 2:.3f}" in rows["saddle"]
+    assert compare_attack.attack_cells(reports[1]) == "0.10 / 0.02 / 0.05 | 110 |"
+    assert compare_attack.attack_cells({}) == "— | — |"
+    assert compare_attack.retained_word(("digit", 3)) == "4" and compare_attack.retained_word(("digit", 9)) == "0"
+    assert compare_attack.retained_word(("style", "red")) != "red"
 
 
 def test_grid_rows_group_samples_when_every_prompt_has_one_sample(tmp_path):
