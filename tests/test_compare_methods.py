@@ -96,6 +96,27 @@ def test_robust_table_pools_each_label_and_pairs_robust_runs_with_their_plain_tw
     assert compare_attack.retained_word(("style", "red")) != "red"
 
 
+def test_attack_reads_back_the_reports_kept_in_the_run_folder(compare, tmp_path):
+    import json
+
+    import compare_attack
+
+    def rep(under, init, search=None):
+        r = {"concept_rate_under_attack": {"inversion@1000": under}, "config": {"init_word": init, "eval_samples": 100},
+             "no_attack": {"unlearned": {"concept_rate": 0.01}}, "inversion": {"unlearned": {"wall_time_s": 55.0}}}
+        if search is not None:
+            r["concept_rate_under_attack"]["search"] = search
+            r["search"] = {"unlearned": {"best": [{"prefix": "six of"}], "wall_time_s": 30.0}}
+        return r
+
+    for folder, r in (("attack", rep(0.15, "a", 0.04)), ("attack-retained", rep(0.2, "4"))):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "report.json").write_text(json.dumps(r))
+    a = compare_attack.attack(tmp_path, ("digit", 3), "digits", 1000, reuse=True)  # nothing is attacked again
+    assert (a["forget_accuracy"], a["search"], a["retained"], a["retained_init_word"]) == (0.15, 0.04, 0.2, "4")
+    assert a["search_prefix"] == "six of" and a["wall_time_s"] + a["search_wall_time_s"] + a["retained_wall_time_s"] == 140
+
+
 def test_grid_rows_group_samples_when_every_prompt_has_one_sample(tmp_path):
     """The styles world spreads its samples over many prompts: a row is then a retain group (a style), not a prompt."""
     styles = ["green thin", "green bold", "blue thin", "blue bold", "yellow thin", "yellow bold"]
