@@ -28,15 +28,15 @@ and command (main).
 """
 from .command import main
 from .concepts import ATTACKS, TOKEN, AttackConfig, ConceptData, concept_data, output_target, replace_concept
-from .controls import check_same_model, judged, world_concept
+from .controls import WorldConcept, check_same_model, judged, world_concept
 from .encoding import denoise_loss, encode, encoders, unet_kwargs
 from .inversion import InvertedToken, invert, load_embedding, save_embedding
 from .prompt_search import prefix_losses, search, vocabulary
 from .run import run_attack
 
 __all__ = [
-    "ATTACKS", "TOKEN", "AttackConfig", "ConceptData", "InvertedToken", "check_same_model", "concept_data",
-    "denoise_loss", "encode", "encoders", "invert", "judged", "load_embedding", "main", "output_target",
-    "prefix_losses", "replace_concept", "run_attack", "save_embedding", "search", "unet_kwargs", "vocabulary",
-    "world_concept",
+    "ATTACKS", "TOKEN", "AttackConfig", "ConceptData", "InvertedToken", "WorldConcept", "check_same_model",
+    "concept_data", "denoise_loss", "encode", "encoders", "invert", "judged", "load_embedding", "main",
+    "output_target", "prefix_losses", "replace_concept", "run_attack", "save_embedding", "search", "unet_kwargs",
+    "vocabulary", "world_concept",
 ]

@@ -28,18 +28,22 @@ def main(argv=None) -> int:
         "Concept-recovery attacks on an unlearned diffusers pipeline: Concept Inversion (a learned token <c*>) and "
         "a discrete prompt search, each with controls. Writes report.json, grid.png and the learned embedding "
         "(docs/attacks.md)."))
-    p.add_argument("--original", required=True, help="the original pipeline (folder, cached hub id, or 'digits')")
+    p.add_argument("--original", required=True, help="the original pipeline (folder, cached hub id, 'digits' or "
+                                                     "'styles')")
     p.add_argument("--unlearned", required=True, help="the unlearned pipeline (folder)")
     p.add_argument("--concept", required=True, help="the word of the forget prompts that names the concept "
-                                                   "('a,b' for alternatives; digits world: '3' or 'three')")
+                                                   "('a,b' for alternatives; digits world: '3' or 'three'; "
+                                                   "styles world: a colour 'red', a stroke 'bold' or a digit)")
     p.add_argument("--out", default="outputs/attack", help="output folder (default: %(default)s)")
     p.add_argument("--attack", choices=ATTACKS, default="all", help="which attack (default: %(default)s)")
     p.add_argument("--forget-prompts", action="append", default=None,
-                   help="a prompt file (one per line) or a prompt; repeatable (default: the digits world's prompts)")
+                   help="a prompt file (one per line) or a prompt; repeatable (default: the embedded world's "
+                        "prompts of the concept)")
     p.add_argument("--forget-data-dir", default=None, help="data mode: the forget images (metadata.jsonl with "
                                                            "captions) instead of the original's own samples")
     p.add_argument("--retain-concept", default=None, help="word of a retained concept for the control "
-                                                          "(default: digits world, the next digit)")
+                                                          "(default: digits world, the next digit; styles world, "
+                                                          "the next colour, the other stroke or the next digit)")
     p.add_argument("--retain-prompts", action="append", default=None, help="prompts of the retained concept")
     p.add_argument("--steps", type=int, default=None, help=f"inversion steps (default: {d.steps})")
     p.add_argument("--budgets", type=_budgets, default=None,
@@ -51,7 +55,7 @@ def main(argv=None) -> int:
     p.add_argument("--eval-samples", type=int, default=d.eval_samples, help="judged samples per evaluation "
                                                                            "(default: %(default)s)")
     p.add_argument("--search-k", type=int, default=d.search_k, help="prefix words (default: %(default)s)")
-    p.add_argument("--guidance-scale", type=float, default=None, help="default: 4.0 (digits), 7.5 (others)")
+    p.add_argument("--guidance-scale", type=float, default=None, help="default: 4.0 (digits, styles), 7.5 (others)")
     p.add_argument("--clip-model", default=None, help="a local CLIP model folder for the clip judge")
     add_judge_args(p, "--clip-model", "the samples")
     p.add_argument("--no-controls", action="store_true", help="skip the original-model and retained controls")

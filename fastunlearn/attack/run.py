@@ -55,8 +55,10 @@ def run_attack(original_path, unlearned_path, concept, forget_prompts=None, out_
 
     forget_prompts: list of prompts (default: the embedded world's prompts of the concept). attack: inversion |
     search | all. controls: also attack the original model and a retained concept (retain_concept +
-    retain_prompts; the world's next class by default). judge: a forget judge (fastunlearn.judges: clip or
-    classifier) that scores the samples; default: the embedded world's classifier, else none (loss only).
+    retain_prompts; the world's next class by default: digits world the next digit, styles world the next
+    colour, the other stroke or the next digit). judge: a forget judge (fastunlearn.judges: clip or
+    classifier) that scores the samples; default: the embedded world's in-domain judge (controls.world_concept),
+    else none (loss only).
     options: any other AttackConfig field."""
     from .. import worlds
     from ..evaluation import save_comparison_grid
@@ -81,9 +83,11 @@ def run_attack(original_path, unlearned_path, concept, forget_prompts=None, out_
         for module in (pipe.unet, pipe.vae, *(enc for _, enc in encoders(pipe))):
             module.requires_grad_(False)
     world = worlds.of_pipeline(str(original_path), cache_dir)
-    words, world_prompts, label, r_words, r_prompts, world_judge = world_concept(world, concept, cache_dir)
-    if judge is not None:  # a given judge replaces the world's classifier
-        world_judge = None
+    wc = world_concept(world, concept, cache_dir)
+    words, world_prompts, label, r_words, r_prompts, r_label = (
+        (wc.words, wc.prompts, wc.label, wc.retain_words, wc.retain_prompts, wc.retain_label) if wc is not None
+        else (None,) * 6)
+    world_judge = wc.judge if wc is not None and judge is None else None  # a given judge replaces the world's
     words = words or [w.strip() for w in concept.split(",") if w.strip()]
     if not words:
         raise FastUnlearnError("--concept is empty: give the word that names the forgotten concept")
@@ -93,8 +97,6 @@ def run_attack(original_path, unlearned_path, concept, forget_prompts=None, out_
     if retain_concept:
         r_words, r_prompts = [w.strip() for w in retain_concept.split(",") if w.strip()], retain_prompts
         r_label = None
-    else:
-        r_label = None if r_words is None else (label + 1) % 10
     notes = []
     if judge is None and world_judge is None:
         notes.append("no judge for this model: concept rates are not measured, only the denoising loss "
@@ -131,7 +133,7 @@ def run_attack(original_path, unlearned_path, concept, forget_prompts=None, out_
                   for k, d in targets.items()}
     report = {"original": str(original_path), "unlearned": str(unlearned_path), "concept": concept,
               "concept_words": words,
-              "judge": "digit classifier (digits world)" if world_judge else getattr(judge, "name", None),
+              "judge": wc.judge_name if world_judge else getattr(judge, "name", None),
               "attack": attack, "config": {**asdict(cfg), "guidance_scale": guidance, "token": TOKEN},
               "forget_prompts": targets["forget"].prompts, "attack_prompts": targets["forget"].attack_prompts,
               "notes": notes}
@@ -181,7 +183,7 @@ def run_attack(original_path, unlearned_path, concept, forget_prompts=None, out_
         rates = [x["concept_rate"] for x in report["search"]["unlearned"]["best"] if x["concept_rate"] is not None]
         summary["search"] = max(rates) if rates else None
     report["concept_rate_under_attack"] = summary
-    if world_judge is not None:  # the digits world: the concept rate is the forget accuracy
+    if world_judge is not None:  # an embedded world: the concept rate is the forget accuracy
         report["forget_accuracy_under_attack"] = dict(summary)
     report["wall_time_s"] = round(time.perf_counter() - t_start, 2)
     if out is not None:

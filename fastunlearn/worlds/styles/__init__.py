@@ -188,6 +188,12 @@ class World:
         return {"digit": list(digits), "style": list(styles), "colour": [s // n for s in styles],
                 "stroke": [s % n for s in styles]}[axis]
 
+    def axis_classifier(self, axis: str):
+        """The judge of one axis (`sets`' axis), with DigitClassifier's `predict` ([-1, 1] images -> labels):
+        the digit classifier for "digit", else the exact style rules on that axis. The in-domain judge of
+        `evaluation` (forget_accuracy) and of the attack (fastunlearn.attack)."""
+        return self._loaded().classifier if axis == "digit" else AxisClassifier(axis)
+
     def evaluation(self, info, n_forget: int, n_retain: int) -> dict:
         """Keyword arguments of fastunlearn.evaluation.Evaluator (see `sets`): the in-domain judge as
         `classifier` (the digit classifier, or the exact style rules on the concept's axis), the other axis as
@@ -195,7 +201,7 @@ class World:
         sets = self.sets(info, n_forget, n_retain)
         (fp, fs, fd, fst), (rp, rs, rd, rst) = sets["forget"], sets["retain"]
         ink = self._loaded().classifier
-        in_domain = ink if sets["axis"] == "digit" else AxisClassifier(sets["axis"])
+        in_domain = self.axis_classifier(sets["axis"])
         other, other_axis = (AxisClassifier("style"), "style") if sets["axis"] == "digit" else (ink, "digit")
         images, digits, styles = load_styled_images()
         forgotten = torch.tensor([s * 10 + d for d, s in concept_combos(info)])
