@@ -14,6 +14,9 @@ original model's gap G0 and the constraint level τ (absolute, τ = saddle.tau �
             I_t = clip(I_{t−1} + κ_i e_t, 0, λ_max),     I_{−1} = λ_init
             λ_{t+1} = clip(I_t + κ_p ξ_t, 0, λ_max),     λ_0 = clip(I_{−1} + κ_p ξ_{−1}, 0, λ_max)
 
+`PIDualVec` is `pi` on a vector of errors, one controller per element (Saddle's neighbour-group multipliers μ_g,
+fastunlearn.saddle_groups); on one element it is `PIDual` exactly.
+
 With no clipping active, `pi` is the νPI optimizer (Sohrabi et al. 2024; `cooper.optim.nuPI`, lr 1,
 Kp = κ_p, Ki = κ_i, ema_nu = ν, maximize) started at λ_0 with its smoothed error set to ξ_{−1}
 (tests/test_dual.py checks this). It is written out here rather than taken from cooper because of
