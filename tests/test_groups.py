@@ -263,6 +263,13 @@ def test_groups_from_lines_files_and_the_worlds(tmp_path):
     red7, blue2 = "a handwritten digit seven in red ink, bold strokes", "the number 2 in thin blue ink"
     assert styles.retain_groups({"task": "style", "forget_style": "green"}, [red7, blue2]) == ["red bold", "blue thin"]
     assert styles.retain_groups({"task": "digit", "forget_digit": 3}, [red7, blue2]) == ["7", "2"]
+    # the worlds' own retain sets: every prompt in a group, the groups of their integrity_retain_by_* reports
+    _, retain, info = digits.prompts(None, None, types.SimpleNamespace(forget_digit=3))
+    assert sorted(set(digits.retain_groups(info, retain))) == [str(d) for d in range(10) if d != 3]
+    for info, n in (({"task": "digit", "forget_digit": 3}, 9), ({"task": "style", "forget_style": "red bold"}, 7),
+                    ({"task": "style", "forget_style": "red"}, 6)):
+        names = styles.retain_groups(info, styles.retain_prompts(info))
+        assert names is not None and len(set(names)) == n
 
 
 def test_group_errors_are_one_line(tmp_path):
