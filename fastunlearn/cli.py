@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from . import worlds
-from .config import TrainConfig, load_config, set_dotted
+from .config import TrainConfig, apply_dict, load_config, set_dotted
 from .errors import FastUnlearnError
 
 
@@ -31,7 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="forget prompts: a text file (one per line, or `concept: prompt` lines for several concepts) "
                         "or one prompt; repeatable: one file per concept, named by the file's stem (forget_concepts). "
                         "Default: digits world, from --forget-digit")
-    flag("--retain-prompts", "retain prompts: a text file (one per line) or one prompt; digits world: the other digits")
+    p.add_argument("--retain-prompts", action="append", default=None, metavar="FILE|PROMPT",
+                   help="retain prompts: a text file (one per line, or `group: prompt` lines for neighbour groups) or "
+                        "one prompt; repeatable: one file per neighbour group, named by the file's stem "
+                        "(retain_groups, for saddle.retain constraints|dro). Default: an embedded world's other classes")
     flag("--anchor-prompts", "anchor prompt(s) for forget_target=anchor and ca: a file or one prompt")
     flag("--forget-digit", "digits world: the digit to forget", int)
     flag("--forget-style", "styles world: the style to forget (red, bold, red bold, ...) instead of a digit")
@@ -97,9 +100,38 @@ DIFFUSERS_FLAGS = {
 
 
 def config_from_args(argv=None) -> TrainConfig:
+    """The run's config: the built-in defaults, under an embedded world's `method_defaults` for the run's method,
+    under the --config file, under the flags, under --set (each layer wins over the ones before it)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    cfg = load_config(args.config)
+    cfg = apply_args(args, load_config(args.config))
+    defaults = world_method_defaults(cfg)
+    if defaults:  # the same layers again, over the world's defaults: a key the user set in any of them wins
+        base = TrainConfig()
+        for key, value in defaults.items():
+            *parents, last = key.split(".")
+            data: dict = {last: value}
+            for part in reversed(parents):
+                data = {part: data}
+            apply_dict(base, data, source=f"method_defaults of the {cfg.model} world")
+        cfg = apply_args(args, load_config(args.config, base))
+    return check_run(cfg)
+
+
+def world_method_defaults(cfg: TrainConfig) -> dict:
+    """{dotted config key: value}: what the embedded world `cfg.model` (if it is one) sets for `cfg.method` by
+    default (`World.method_defaults`, {method: {key: value}}); the user's config, flags and --set win over it."""
+    world = worlds.get(cfg.model, cfg.cache_dir)
+    defaults = dict(getattr(world, "method_defaults", {}).get(cfg.method, {})) if world is not None else {}
+    for key in ("model", "method"):
+        if key in defaults:
+            raise FastUnlearnError(f"method_defaults of the {cfg.model} world cannot set {key}")
+    return defaults
+
+
+def apply_args(args, cfg: TrainConfig) -> TrainConfig:
+    """The command line's flags and --set over `cfg` (from the config file)."""
+    values = {"forget_prompts": args.forget_prompts, "retain_prompts": args.retain_prompts}
     if args.forget_prompts is not None and len(args.forget_prompts) > 1:  # several concepts, one file each
         files = [Path(v) for v in args.forget_prompts]
         missing = [str(f) for f in files if not f.is_file()]
@@ -109,14 +141,21 @@ def config_from_args(argv=None) -> TrainConfig:
         if len({f.stem for f in files}) != len(files):
             raise FastUnlearnError("--forget-prompts files name their concepts by their stems, and two share one: "
                                    + ", ".join(str(f) for f in files))
-        cfg.forget_concepts, args.forget_prompts = {f.stem: str(f) for f in files}, None
+        cfg.forget_concepts, values["forget_prompts"] = {f.stem: str(f) for f in files}, None
     elif args.forget_prompts is not None:
-        args.forget_prompts = args.forget_prompts[0]
+        values["forget_prompts"] = args.forget_prompts[0]
+    if args.retain_prompts is not None and len(args.retain_prompts) > 1:  # neighbour groups, one file each
+        from .groups import groups_from_files
+
+        cfg.retain_groups, values["retain_prompts"] = groups_from_files(args.retain_prompts), None
+    elif args.retain_prompts is not None:
+        values["retain_prompts"] = args.retain_prompts[0]
     named = ("model", "method", "params", "forget_prompts", "retain_prompts", "anchor_prompts", "forget_digit",
              "forget_style", "output_dir", "max_steps", "zero_stage", "seed", "report_to", "save_format", "resume_from_checkpoint")
     for flag in named:
-        if getattr(args, flag) is not None:
-            setattr(cfg, flag, getattr(args, flag))
+        value = values[flag] if flag in values else getattr(args, flag)
+        if value is not None:
+            setattr(cfg, flag, value)
     for name, (keys, aliased) in DIFFUSERS_FLAGS.items():  # diffusers-style aliases: as the option they alias
         value = getattr(args, f"alias_{name[2:]}")
         if value is None:
@@ -143,7 +182,7 @@ def config_from_args(argv=None) -> TrainConfig:
             raise FastUnlearnError(f"--set expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         set_dotted(cfg, key, value)
-    return check_run(cfg)
+    return cfg
 
 
 def command_line(argv) -> str:

@@ -117,7 +117,11 @@ class TrainConfig:
     forget_concepts: Any = None      # several concepts in one run: {name: prompts or a prompt file}; from the command
                                      # line, --forget-prompts given more than once (one file per concept, named by
                                      # its stem). Every report gives forget rate and I_forget per concept
-    retain_prompts: Any = None
+    retain_prompts: Any = None       # a path or a list, as forget_prompts (a file of `group: prompt` lines: neighbour
+                                     # groups, see retain_groups)
+    retain_groups: Any = None        # neighbour groups of the retain prompts, {name: prompts or a prompt file}, for
+                                     # saddle.retain constraints | dro; from the command line, --retain-prompts given
+                                     # more than once (one file per group, named by its stem)
     anchor_prompts: Any = None       # one per forget prompt, or a single one for all
     forget_digit: int = num(3, 0, 9)            # digits world only, when forget_prompts is not given
     forget_style: str | None = None  # styles world only: erase a style ("red", "bold", "red bold") instead of
@@ -284,8 +288,9 @@ def set_dotted(cfg: TrainConfig, dotted: str, value) -> None:
     apply_dict(cfg, data, source="--set")
 
 
-def load_config(path: str | None) -> TrainConfig:
-    cfg = TrainConfig()
+def load_config(path: str | None, cfg: TrainConfig | None = None) -> TrainConfig:
+    """The YAML file at `path` over `cfg` (default: the built-in defaults)."""
+    cfg = TrainConfig() if cfg is None else cfg
     if path:
         p = Path(path)
         if not p.is_file():

@@ -22,6 +22,7 @@ import torch
 from . import worlds
 from .config import TrainConfig, read_concepts, read_prompts
 from .errors import FastUnlearnError
+from .groups import retain_prompts_of
 
 
 def read_image_folder(folder: str | Path, what: str) -> tuple[list[Path], list[str]]:
@@ -90,7 +91,7 @@ def resolve_prompts(cfg: TrainConfig):
     concepts = read_concepts(cfg.forget_prompts, cfg.forget_concepts)
     forget = ([q for prompts in concepts.values() for q in prompts] if concepts
               else read_prompts(cfg.forget_prompts, "forget prompt"))
-    retain = read_prompts(cfg.retain_prompts, "retain prompt")
+    retain = retain_prompts_of(cfg)  # a retain file of `group: prompt` lines (or retain_groups): all their prompts
     for which, folder in (("forget", cfg.forget_data_dir), ("retain", cfg.retain_data_dir)):
         if folder:
             captions = list(dict.fromkeys(read_image_folder(folder, which)[1]))

@@ -14,6 +14,9 @@ original model's gap G0 and the constraint level τ (absolute, τ = saddle.tau �
             I_t = clip(I_{t−1} + κ_i e_t, 0, λ_max),     I_{−1} = λ_init
             λ_{t+1} = clip(I_t + κ_p ξ_t, 0, λ_max),     λ_0 = clip(I_{−1} + κ_p ξ_{−1}, 0, λ_max)
 
+`PIDualVec` is `pi` on a vector of errors, one controller per element (Saddle's neighbour-group multipliers μ_g,
+fastunlearn.saddle_groups); on one element it is `PIDual` exactly.
+
 With no clipping active, `pi` is the νPI optimizer (Sohrabi et al. 2024; `cooper.optim.nuPI`, lr 1,
 Kp = κ_p, Ki = κ_i, ema_nu = ν, maximize) started at λ_0 with its smoothed error set to ξ_{−1}
 (tests/test_dual.py checks this). It is written out here rather than taken from cooper because of
@@ -76,3 +79,35 @@ class PIDual:
 
     def load_state_dict(self, state: dict) -> None:
         self.lam, self.xi, self.integral = state["lam"], state["xi"], state["integral"]
+
+
+class PIDualVec:
+    """One `PIDual` controller per element: Saddle's group multipliers μ_g (fastunlearn.saddle_groups). Element k
+    sees the error e_k = (x_k − level_k) / scale_k and starts from ξ_{−1,k} = (start_k − level_k) / scale_k, with
+    the same gains, the same clips and the same arithmetic as `PIDual`, so that PIDualVec([G0], [τ], [G0], …)
+    gives PIDual(G0, τ, …)'s λ bit for bit (tests/test_dual.py)."""
+
+    def __init__(self, scale, level, start, kappa_p: float, kappa_i: float, nu: float, lambda_init: float,
+                 lambda_max: float):
+        self.scale, self.level = [float(s) for s in scale], [float(v) for v in level]
+        self.kp, self.ki, self.nu, self.lambda_max = kappa_p, kappa_i, nu, lambda_max
+        self.xi = [(float(s) - v) / c for s, v, c in zip(start, self.level, self.scale)]
+        self.integral = [lambda_init] * len(self.xi)
+        self.lam = [_clip(i + self.kp * x, lambda_max) for i, x in zip(self.integral, self.xi)]
+
+    def update(self, values) -> list[float]:
+        for k, x in enumerate(values):
+            e = (float(x) - self.level[k]) / self.scale[k]
+            self.xi[k] = self.nu * self.xi[k] + (1 - self.nu) * e
+            self.integral[k] = _clip(self.integral[k] + self.ki * e, self.lambda_max)
+            self.lam[k] = _clip(self.integral[k] + self.kp * self.xi[k], self.lambda_max)
+        return list(self.lam)
+
+    def parts(self) -> dict:
+        return {"lam": list(self.lam), "lam_P": [self.kp * x for x in self.xi], "lam_I": list(self.integral)}
+
+    def state_dict(self) -> dict:
+        return {"lam": list(self.lam), "xi": list(self.xi), "integral": list(self.integral)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lam, self.xi, self.integral = list(state["lam"]), list(state["xi"]), list(state["integral"])

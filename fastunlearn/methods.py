@@ -26,6 +26,7 @@ import torch
 from .config import register_method
 from .errors import FastUnlearnError
 from .ops import noise_prediction_loss
+from .saddle_groups import GroupSettings, SaddleGroups
 from .settings import num
 from .step import Context, Step  # noqa: F401  (a method's view of the run: fastunlearn.step)
 
@@ -71,8 +72,9 @@ class Method:
             return [extra[0]], [1.0]
         return [st.fresh_f], [1.0]
 
-    def r_and_g(self, st: Step):
-        """R(θ) and G(θ) with one student call and one teacher call."""
+    def r_and_g(self, st: Step, keep: dict | None = None):
+        """R(θ) and G(θ) with one student call and one teacher call (`keep`: gets the retain and unconditional
+        outputs, s_r, s_u, T_r, T_u, for Saddle's neighbour groups)."""
         Bf = st.x_f.shape[0]
         s_f, s_r, s_u = st.student(st.forget(), (st.x_r, st.t_r, st.c_r), (st.x_all, st.t_all, st.null(len(st.x_all))))
         T_r, T_u, *extra = st.teacher((st.x_r, st.t_r, st.c_r), (st.x_all, st.t_all, st.null(len(st.x_all))),
@@ -80,6 +82,8 @@ class Method:
         R = self.retain_from(st, s_r, s_u, T_r, T_u)
         targets, coeffs = self.forget_target(st, extra, T_u[:Bf])
         G = mse(s_f, st.widen(*targets), coeffs)  # robust: over the forget rows and their adversarial copies
+        if keep is not None:
+            keep.update(s_r=s_r, s_u=s_u, T_r=T_r, T_u=T_u)
         return R, G
 
     def retain_from(self, st: Step, s_r, s_u, T_r, T_u):
@@ -131,7 +135,7 @@ class OVW(Method):
 
 
 @dataclass
-class SaddleConfig:
+class SaddleConfig(GroupSettings):  # + retain, retain_weight, rho, mu_*, dro_eta, group_ema (fastunlearn.saddle_groups)
     dual: str = "pi"                        # λ's update rule: pi (proportional-integral) | ga (gradient ascent)
     tau: float = num(0.2, above=0)          # constraint level, as a fraction of G0 (the original model's forget gap)
     kappa_p: float = num(0.5, 0)            # pi: proportional gain (on the running mean ξ of the error)
@@ -146,6 +150,7 @@ class SaddleConfig:
                                             # then comes from the controller's running mean)
 
     def check(self, prefix: str) -> None:
+        self.check_groups(prefix)
         if self.dual not in ("pi", "ga"):
             raise FastUnlearnError(f"{prefix}dual must be pi or ga, got {self.dual!r}")
         if self.nu >= 1:
@@ -157,7 +162,8 @@ class SaddleConfig:
 
 class Saddle(Method):
     """min R s.t. G ≤ τ: L = R + λ (G − τ), λ updated after each optimiser step by a PI controller on
-    the error (G − τ)/G0 or by dual gradient ascent (fastunlearn.dual, docs/methods.md)."""
+    the error (G − τ)/G0 or by dual gradient ascent (fastunlearn.dual, docs/methods.md). With `retain: constraints
+    | dro` the retain side is per neighbour group (fastunlearn.saddle_groups)."""
 
     name = "saddle"
     Config = SaddleConfig
@@ -173,6 +179,7 @@ class Saddle(Method):
         self.lambda_trace = []   # λ used at each step
         self.probe_trace = []    # [step, G/G0 on the fixed G0 batches]
         self._probe_batches = []
+        self.groups = None       # retain: constraints | dro (fastunlearn.saddle_groups)
 
     def setup(self, ctx):
         self.ctx = ctx
@@ -186,6 +193,8 @@ class Saddle(Method):
         self.dual = self.make_dual()
         self.lam = self.dual.lam
         self.peak_lambda = self.lam if self.peak_lambda is None else self.peak_lambda
+        if self.args.retain != "mean":
+            self.groups = SaddleGroups(self, ctx, mse)
 
     def make_dual(self):
         from .dual import GADual, PIDual
@@ -218,6 +227,8 @@ class Saddle(Method):
         return self.ctx.all_reduce(total / len(self._probe_batches), "mean") / self.g0
 
     def loss(self, st):
+        if self.groups is not None:
+            return self.groups.loss(st)
         R, G = self.r_and_g(st)
         return R + self.lam * (G - self.tau), {"R": R, "G": G}
 
@@ -235,22 +246,30 @@ class Saddle(Method):
                 self.constraint_met_step = step
         elif not every and self.constraint_met_step is None and logs["gap"] <= self.args.tau:
             self.constraint_met_step = step
+        if self.groups is not None:
+            self.groups.after_step(logs, step)
 
     def state_dict(self):
-        return {"lam": self.lam, "g0": self.g0, "tau": self.tau, "dual": self.dual.state_dict(),
-                "constraint_met_step": self.constraint_met_step, "peak_lambda": self.peak_lambda,
-                "lambda_trace": self.lambda_trace, "probe_trace": self.probe_trace}
+        state = {"lam": self.lam, "g0": self.g0, "tau": self.tau, "dual": self.dual.state_dict(),
+                 "constraint_met_step": self.constraint_met_step, "peak_lambda": self.peak_lambda,
+                 "lambda_trace": self.lambda_trace, "probe_trace": self.probe_trace}
+        if self.groups is not None:
+            state["groups"] = self.groups.state_dict()
+        return state
 
     def load_state_dict(self, state):
         for k in ("lam", "g0", "tau", "constraint_met_step", "peak_lambda", "lambda_trace", "probe_trace"):
             setattr(self, k, state[k])
         self.dual = self.make_dual()
         self.dual.load_state_dict(state["dual"])
+        if self.groups is not None:
+            self.groups.load_state_dict(state["groups"])
 
     def report(self):
         return {"constraint_met_step": self.constraint_met_step, "final_lambda": self.lam,
                 "peak_lambda": self.peak_lambda, "G0": self.g0, "tau": self.tau, "dual": self.args.dual,
-                "lambda_trace": self.lambda_trace, "probe_trace": self.probe_trace}
+                "lambda_trace": self.lambda_trace, "probe_trace": self.probe_trace,
+                **(self.groups.report() if self.groups is not None else {})}
 
 
 class ESD(Method):

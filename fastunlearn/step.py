@@ -65,3 +65,5 @@ class Context:
     teacher: Callable                         # teacher(*items) -> outputs, no grad
     all_reduce: Callable[[float, str], float]  # all_reduce(value, "mean" | "max") over ranks
     all_reduce_sum_: Callable[[torch.Tensor], None]  # in-place sum of a tensor over ranks
+    retain_groups: object = None              # the retain prompts' neighbour groups (fastunlearn.groups.GroupIndex:
+                                              # names, and the group of each prompt id) when the run uses them

@@ -45,6 +45,7 @@ from fastunlearn.engine import (  # noqa: E402
     initialize,
 )
 from fastunlearn.errors import FastUnlearnError, cli_errors  # noqa: E402
+from fastunlearn.groups import resolve_groups  # noqa: E402
 from fastunlearn.outputs import RunFolder  # noqa: E402
 from fastunlearn.robust import make_robust  # noqa: E402
 from fastunlearn.sampling import with_unet  # noqa: E402
@@ -64,6 +65,7 @@ class Trainer:
         self.method = make_method(cfg)
         forget, retain, anchors, self.world_info, self.concepts = resolve_prompts(cfg)
         self.embedded_world = worlds.get(cfg.model, cfg.cache_dir)  # None for a model folder or hub id
+        self.retain_groups = resolve_groups(cfg, retain, self.embedded_world, self.world_info)  # saddle.retain != mean
         if self.method.needs_full_gradient and cfg.zero_stage == 3:
             raise FastUnlearnError(f"method {cfg.method} needs full gradients/weights on every rank, which ZeRO-3 "
                                    "partitions: use --zero-stage 2")
@@ -136,7 +138,8 @@ class Trainer:
         from fastunlearn.methods import Context
 
         return Context(module=self.engine.module, make_step=self.make_step, call=self.calls.module,
-                       teacher=self.calls.teacher, all_reduce=all_reduce, all_reduce_sum_=all_reduce_sum_)
+                       teacher=self.calls.teacher, all_reduce=all_reduce, all_reduce_sum_=all_reduce_sum_,
+                       retain_groups=self.retain_groups.index(self.cond.index) if self.retain_groups else None)
 
     def make_step(self, step: int, micro: int):
         """The micro-batch of (step, micro, rank): a pure function of the seed, so a resumed run sees the same data."""
@@ -254,7 +257,7 @@ class Trainer:
             logs = {k: all_reduce(v) for k, v in logs.items()}
             self.method.after_step(logs, self.step)
             self.tracker.log({**logs, "lr": group["lr"]}, self.step, "train/")
-            bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k in ("loss", "lam", "probe", "G", "R")} | self.robust.postfix)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k in ("loss", "lam", "probe", "G", "R", "R_max", "mu_max", "w_max")} | self.robust.postfix)
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 self.log(f"step {self.step} " + " ".join(f"{k}={v:.5g}" for k, v in logs.items()))
             if evaluator is not None and cfg.eval.due(self.step) and self.step < cfg.max_steps:

@@ -8,6 +8,10 @@ interface:
                                                  about the run (None: the prompts are not the world's)
     world.evaluation(info, n_forget, n_retain)   evaluation sets, perceptual network and judge
     world.report_fields(info)                    what the world adds to a run's report
+    world.retain_groups(info, retain)            the neighbour group of each retain prompt (Saddle's
+                                                 retain: constraints | dro), or None
+    world.method_defaults                        {method: {config key: value}}: the world's own defaults
+                                                 for a method, under the user's config (fastunlearn.cli)
     world.eval_prompts(), world.perceptual()     defaults of `python -m fastunlearn.evaluate`
 """
 from __future__ import annotations

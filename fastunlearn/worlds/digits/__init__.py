@@ -35,6 +35,7 @@ class World:
     name = "digits"
     guidance_scale = 4.0  # the sampler the world was built and checked with (world.json)
     TRAINED_PHRASINGS = 3
+    method_defaults: dict = {}  # {method: {config key: value}}: this world's own defaults (fastunlearn.cli)
 
     def __init__(self, cache_dir=None):
         self.cache_dir = cache_dir
@@ -74,6 +75,12 @@ class World:
         if len(digits) == 1:
             return forget, retain, {"forget_digit": digits[0]}
         return forget, retain, {"forget_digits": digits, "concepts": {names[d]: d for d in digits}}
+
+    def retain_groups(self, info, retain) -> list[str] | None:
+        """The neighbour group of each retain prompt (Saddle's `retain: constraints | dro`): the digit it names;
+        None when one names none."""
+        digits = [digit_of_prompt(q) for q in retain]
+        return None if None in digits else [str(d) for d in digits]
 
     def concept_words(self, info) -> list[str]:
         """The words that name the forgotten digit(s) in their prompts ("3", "three"): what --robust replaces."""

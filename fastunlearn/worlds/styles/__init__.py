@@ -90,6 +90,7 @@ class World:
     guidance_scale = 4.0
     TRAINED_PHRASINGS = 3
     default_recipe = Recipe()  # what `--model styles` builds; tests of the trainer set FAST_RECIPE here
+    method_defaults: dict = {}  # {method: {config key: value}}: this world's own defaults (fastunlearn.cli)
 
     def __init__(self, cache_dir=None, recipe: Recipe | None = None):
         self.cache_dir, self.recipe = cache_dir, recipe if recipe is not None else self.default_recipe
@@ -133,6 +134,16 @@ class World:
         if retain is None:
             retain = self.retain_prompts(info)
         return forget, retain, info
+
+    def retain_groups(self, info, retain) -> list[str] | None:
+        """The neighbour group of each retain prompt (Saddle's `retain: constraints | dro`): its style ("blue
+        thin") for a style task, its digit for a digit task; None when a prompt does not name it."""
+        parsed = [parse_prompt(q) for q in retain]
+        if info.get("task") == "digit":
+            return None if any(d is None for d, _, _ in parsed) else [str(d) for d, _, _ in parsed]
+        if any(c is None or k is None for _, c, k in parsed):
+            return None
+        return [style_name(c, k) for _, c, k in parsed]
 
     def concept_words(self, info) -> list[str] | None:
         """The words that name the concept in its prompts, what --robust replaces: the digit ("3", "three") or a
