@@ -150,12 +150,14 @@ def model_card_text(report: dict, config: dict, command: str) -> str:
     settings = {k: config[k] for k in SETTINGS if k in config}
     if (config.get("lora") or {}).get("rank"):
         settings["lora"] = config["lora"]
-    met = report.get("steps_to_converge")
-    criterion = (f"forget criterion met at step {met}" if met is not None else
+    met, solve = report.get("steps_to_converge"), report.get("solve_seconds")
+    criterion = (f"forget criterion met at step {met}" if met is not None and solve is None else
+                 "forget criterion met" if met is not None else
                  "forget criterion not met" if report.get("judge") else "no judge, so no forget criterion")
+    how = f"a closed-form edit solved in {solve:.2f} s" if solve is not None else f"{report.get('steps')} steps"
     body = [f"# {method} unlearning of {model}", "",
             f"This model is `{model}` after fastunlearn made it forget {_erased(report)}, with the method "
-            f"**{method}** ({report.get('steps')} steps, {criterion}). Everything else it draws is meant to stay "
+            f"**{method}** ({how}, {criterion}). Everything else it draws is meant to stay "
             "as it was: "
             "the integrity I below is the LPIPS distance between what the original and this model draw from the "
             "same prompt and the same initial noise.", "",
