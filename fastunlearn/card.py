@@ -148,6 +148,12 @@ def model_card_text(report: dict, config: dict, command: str) -> str:
                          tags=["fastunlearn", "unlearning", method, "diffusers", "text-to-image"])
     section = config.get(method) if isinstance(config.get(method), dict) else {}
     settings = {k: config[k] for k in SETTINGS if k in config}
+    if report.get("solve_seconds") is not None:  # a closed-form edit (uce, rece): no training settings
+        if method != "uce" and isinstance(config.get("uce"), dict):
+            section = {**section, **{f"uce.{k}": v for k, v in config["uce"].items()}}
+        edited = (report.get("uce") or {}).get("edited_projections")
+        settings = {"edited": f"every cross-attention to_k and to_v ({edited} projections)",
+                    "mixed_precision": config.get("mixed_precision")}
     if (config.get("lora") or {}).get("rank"):
         settings["lora"] = config["lora"]
     met, solve = report.get("steps_to_converge"), report.get("solve_seconds")

@@ -198,7 +198,8 @@ def test_runs_through_train_py(method, fixture, request, base_args, tmp_path, mo
     assert report["teacher"] == "shared" and 0 <= report["forget_rate"] <= 1
     for name in ("grid.png", "README.md", "train.log", "model_index.json"):
         assert (out / name).is_file(), name
-    assert "closed-form edit solved in" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "closed-form edit solved in" in card and "every cross-attention to_k and to_v" in card and "lr:" not in card
     assert "solved in" in (out / "train.log").read_text() and not (out / "checkpoints").exists()
     edited = DiffusionPipeline.from_pretrained(out).unet.state_dict()
     original = DiffusionPipeline.from_pretrained(args[args.index("--model") + 1]).unet.state_dict()
