@@ -274,3 +274,16 @@ def test_empty_anchor_list_and_a_preserved_forget_prompt_are_one_line_errors(bas
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("fastunlearn:")]
         assert info.value.code == 2 and len(err) == 1 and expect in err[0], err
         assert not (tmp_path / "out").exists()
+
+
+def test_an_unfinished_run_from_before_the_uce_sections_still_resumes():
+    """A key the saved config lacks (uce.*, rece.*: added since) is no difference; a changed one still is."""
+    from fastunlearn.config import TrainConfig
+    from fastunlearn.outputs import config_difference
+
+    new = TrainConfig().to_dict()
+    old = {k: v for k, v in new.items() if k not in ("uce", "rece")}
+    assert config_difference(old, new) is None
+    assert config_difference({**old, "lr": 1.0}, new) == "lr: 1.0 -> 0.0002"
+    assert config_difference(new, {**new, "uce": {**new["uce"], "lamb": 2.0}}) == "uce.lamb: 0.5 -> 2.0"
+    assert config_difference({**new, "gone": 1}, new) == "gone: 1 -> None"
