@@ -6,7 +6,8 @@
     deepspeed --num_gpus 2 fastunlearn/train.py --config configs/sdxl-saddle-zero2.yaml
 
 Reads top to bottom: parse (fastunlearn.cli) -> build: pipeline, teacher and student (DeepSpeed), data
-(teacher-sampled latents, or images) -> loop -> finish: the final evaluation (fastunlearn.report), the
+(teacher-sampled latents, or images) -> loop (a closed-form method, fastunlearn.uce: one solve instead, no data or
+engine) -> finish: the final evaluation (fastunlearn.report), the
 unlearned model (fastunlearn.export), report.json, grid and model card, published at once (fastunlearn.outputs).
 """
 from __future__ import annotations

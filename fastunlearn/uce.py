@@ -71,9 +71,10 @@ def encode(pipe, prompts: list[str], batch: int = 64) -> tuple[torch.Tensor, tor
     """(hidden (N, L, D) float64, last (N,)): the text-encoder rows of each prompt exactly as the pipeline conditions
     the UNet on it (SDXL: both encoders' penultimate states, side by side), and the position of its last token (the
     one before EOS; 0, BOS, for "")."""
-    from .models import is_sdxl
+    from .models import encoders, is_sdxl
 
-    device = pipe.text_encoder.device
+    (tok, enc), *_ = encoders(pipe)  # the first tokenizer counts the tokens (SDXL's two agree)
+    device = enc.device
     hidden = []
     for i in range(0, len(prompts), batch):
         chunk = prompts[i:i + batch]
@@ -82,7 +83,6 @@ def encode(pipe, prompts: list[str], batch: int = 64) -> tuple[torch.Tensor, tor
         else:
             h = pipe.encode_prompt(chunk, device, 1, False)[0]
         hidden.append(h.to(torch.float64))
-    tok = pipe.tokenizer
     mask = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                return_tensors="pt").attention_mask
     return torch.cat(hidden), (mask.sum(1) - 2).clamp(min=0)
@@ -175,9 +175,8 @@ class UCE:
 
     def report(self) -> dict:
         u = self.uce
-        out = {"solve_seconds": None if self.solve_seconds is None else round(self.solve_seconds, 4),
-               "uce": {"erase_scale": u.erase_scale, "lamb": u.lamb, "tokens": u.tokens, **self.facts}}
-        return out
+        return {"solve_seconds": None if self.solve_seconds is None else round(self.solve_seconds, 4),
+                "uce": {"erase_scale": u.erase_scale, "lamb": u.lamb, "tokens": u.tokens, **self.facts}}
 
 
 class RECE(UCE):
