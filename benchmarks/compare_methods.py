@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Every method on an embedded world with the same seed, data and step budget.
 
-    python benchmarks/compare_methods.py                       # all methods, 400 steps (~28 min, 2 cores)
+    python benchmarks/compare_methods.py                       # all methods, 400 steps (~28 min for the trained ones, 2 cores; uce, rece: their evaluation)
     python benchmarks/compare_methods.py --methods saddle,ovw --max-steps 200
     python benchmarks/compare_methods.py --run saddle-ga=saddle,saddle.dual=ga,saddle.lambda_init=1 \
         --run saddle --run ovw --seeds 0,1 --forget-digits 3,5   # variants, seeds and digits
@@ -38,7 +38,7 @@ from compare_attack import attack, attack_cells, robust_table
 from fastunlearn.card import wilson  # the Wilson interval of the model cards
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["saddle", "ovw", "esd", "ga", "erasediff", "salun", "ca"]
+METHODS = ["saddle", "ovw", "esd", "ga", "erasediff", "salun", "ca", "uce", "rece"]  # uce, rece: no steps (closed form)
 
 
 def fmt(x, digits=3):

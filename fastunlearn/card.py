@@ -148,14 +148,22 @@ def model_card_text(report: dict, config: dict, command: str) -> str:
                          tags=["fastunlearn", "unlearning", method, "diffusers", "text-to-image"])
     section = config.get(method) if isinstance(config.get(method), dict) else {}
     settings = {k: config[k] for k in SETTINGS if k in config}
+    if report.get("solve_seconds") is not None:  # a closed-form edit (uce, rece): no training settings
+        if method != "uce" and isinstance(config.get("uce"), dict):
+            section = {**section, **{f"uce.{k}": v for k, v in config["uce"].items()}}
+        edited = (report.get("uce") or {}).get("edited_projections")
+        settings = {"edited": f"every cross-attention to_k and to_v ({edited} projections)",
+                    "mixed_precision": config.get("mixed_precision")}
     if (config.get("lora") or {}).get("rank"):
         settings["lora"] = config["lora"]
-    met = report.get("steps_to_converge")
-    criterion = (f"forget criterion met at step {met}" if met is not None else
+    met, solve = report.get("steps_to_converge"), report.get("solve_seconds")
+    criterion = (f"forget criterion met at step {met}" if met is not None and solve is None else
+                 "forget criterion met" if met is not None else
                  "forget criterion not met" if report.get("judge") else "no judge, so no forget criterion")
+    how = f"a closed-form edit solved in {solve:.2f} s" if solve is not None else f"{report.get('steps')} steps"
     body = [f"# {method} unlearning of {model}", "",
             f"This model is `{model}` after fastunlearn made it forget {_erased(report)}, with the method "
-            f"**{method}** ({report.get('steps')} steps, {criterion}). Everything else it draws is meant to stay "
+            f"**{method}** ({how}, {criterion}). Everything else it draws is meant to stay "
             "as it was: "
             "the integrity I below is the LPIPS distance between what the original and this model draw from the "
             "same prompt and the same initial noise.", "",

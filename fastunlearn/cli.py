@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(name, type=type, default=None, help=f"{help} (default: {getattr(d, key)!r})")
 
     flag("--model", f"local diffusers pipeline folder, cached hub id, or an embedded world ({', '.join(worlds.WORLDS)})")
-    flag("--method", "saddle | ovw | esd | erasediff | salun | ga | ca")
+    flag("--method", "saddle | ovw | esd | erasediff | salun | ga | ca (trained) | uce | rece (closed-form edits "
+                     "of the cross-attention to_k/to_v, no training steps)")
     flag("--params", "trained parameters: full | attn2 | non-attn2")
     p.add_argument("--forget-prompts", action="append", default=None, metavar="FILE|PROMPT",
                    help="forget prompts: a text file (one per line, or `concept: prompt` lines for several concepts) "
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--forget-digit", "digits world: the digit to forget", int)
     flag("--forget-style", "styles world: the style to forget (red, bold, red bold, ...) instead of a digit")
     flag("--output-dir", "where the pipeline, report.json, grid.png, train.log and checkpoints go")
-    flag("--max-steps", "optimiser steps", int)
+    flag("--max-steps", "optimiser steps (uce, rece: none)", int)
     flag("--zero-stage", "DeepSpeed ZeRO stage 0-3", int)
     flag("--seed", "seed of data order, noise and timesteps", int)
     flag("--report-to", "training curves (loss terms, lambda, lr, in-training evaluations) into output_dir/logs: "

@@ -24,13 +24,17 @@ from .errors import FastUnlearnError
 from .settings import check_ranges, num
 
 METHODS: list[str] = []                    # the registered methods, in registration order
+TRAINED_METHODS: list[str] = []            # those that train (the loop of fastunlearn/train.py) ...
+CLOSED_FORM_METHODS: list[str] = []        # ... and those solved on the weights instead (UCE, RECE)
 METHOD_SECTIONS: dict[str, type] = {}      # method name -> its settings dataclass (methods with settings only)
 
 
-def register_method(name: str, section: type | None) -> None:
-    """Called by fastunlearn.methods for each method: its name, and its settings dataclass (or None)."""
+def register_method(name: str, section: type | None, closed_form: bool = False) -> None:
+    """Called by fastunlearn.methods for each method: its name, its settings dataclass (or None), and whether it
+    is solved in closed form rather than trained."""
     if name not in METHODS:
         METHODS.append(name)
+        (CLOSED_FORM_METHODS if closed_form else TRAINED_METHODS).append(name)
     if section is not None:
         METHOD_SECTIONS[name] = section
 
@@ -189,6 +193,12 @@ class TrainConfig:
             if self.teacher != "auto":
                 raise FastUnlearnError(f"teacher: {self.teacher} does not apply with LoRA: the teacher is the student "
                                        "with its adapters switched off (leave teacher at auto)")
+        if self.method in CLOSED_FORM_METHODS:
+            for given, what in ((self.robust.enabled, "--robust"), (self.lora.rank, "--lora-rank"),
+                                (self.params != "full", f"--params {self.params}")):
+                if given:
+                    raise FastUnlearnError(f"method {self.method} edits the cross-attention to_k/to_v projections in "
+                                           f"closed form, without training: {what} does not apply to it")
         if self.robust.enabled and self.zero_stage == 3:
             raise FastUnlearnError("--robust runs with ZeRO stages 0-2, not 3: its inner attack calls the student's "
                                    "module directly, whose weights ZeRO-3 partitions; use --zero-stage 2")

@@ -29,6 +29,7 @@ from .ops import noise_prediction_loss
 from .saddle_groups import GroupSettings, SaddleGroups
 from .settings import num
 from .step import Context, Step  # noqa: F401  (a method's view of the run: fastunlearn.step)
+from .uce import RECE, UCE
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -50,6 +51,7 @@ class Method:
     name = ""
     Config = None
     needs_full_gradient = False  # True: cannot run with ZeRO-3 partitioned gradients
+    closed_form = False          # True: solved on the weights instead of trained (fastunlearn.uce: UCE, RECE)
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -398,9 +400,9 @@ class EraseDiff(Method):
         return R + self.args.lambda_b * (f - f_hat), {"R": R, "F": f, "f_hat": f_hat}
 
 
-METHOD_CLASSES = {cls.name: cls for cls in (Saddle, OVW, ESD, EraseDiff, SalUn, GA, ConceptAblation)}
+METHOD_CLASSES = {cls.name: cls for cls in (Saddle, OVW, ESD, EraseDiff, SalUn, GA, ConceptAblation, UCE, RECE)}
 for _name, _cls in METHOD_CLASSES.items():  # their names and settings sections, into the run's config
-    register_method(_name, _cls.Config)
+    register_method(_name, _cls.Config, _cls.closed_form)
 
 
 def make_method(cfg: TrainConfig) -> Method:

@@ -331,11 +331,13 @@ def set_attention(unet: torch.nn.Module, kind: str) -> None:
     unet.set_attn_processor(AttnProcessor2_0())
 
 
-def teacher_and_student(pipe, cfg):
+def teacher_and_student(pipe, cfg, edited: list[str] | None = None):
     """The teacher (the original model) and the student (`pipe.unet`, trained in place), made before DeepSpeed
     sees the student. With LoRA the teacher is the student with its adapters off (no memory cost); with a
     parameter subset it shares every frozen weight with the student (SharedTeacher); else a frozen copy in the
-    working dtype. Only the trained parameters require grad. Returns (teacher, student)."""
+    working dtype. Only the trained parameters require grad. `edited`: the parameters a closed-form method
+    changes (fastunlearn.uce), which stand for the subset (no DeepSpeed: shared whatever the ZeRO stage).
+    Returns (teacher, student)."""
     import copy
 
     student = pipe.unet
@@ -344,8 +346,9 @@ def teacher_and_student(pipe, cfg):
         trained = set(add_lora(student, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules, cfg.params))
         teacher = AdapterTeacher(student)
     else:
-        trained = set(param_subset(student, cfg.params))
-        share = cfg.teacher == "shared" or (cfg.teacher == "auto" and cfg.params != "full" and cfg.zero_stage < 3)
+        trained = set(param_subset(student, cfg.params) if edited is None else edited)
+        share = cfg.teacher == "shared" or (cfg.teacher == "auto" and (
+            edited is not None or (cfg.params != "full" and cfg.zero_stage < 3)))
         teacher = SharedTeacher(student, trained) if share else copy.deepcopy(pipe.unet).eval().requires_grad_(False)
     for name, p in student.named_parameters():
         p.requires_grad_(name in trained)

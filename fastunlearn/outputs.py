@@ -56,9 +56,10 @@ def check_output_path(out: Path, what: str = "output directory") -> None:
 
 
 def config_difference(old: dict, new: dict, prefix: str = "") -> str | None:
-    """The first setting that differs between two config dicts, as "key: old -> new" (None if none)."""
+    """The first setting that differs between two config dicts, as "key: old -> new" (None if none). A key the old
+    config lacks (a setting or method section added since that run started) is no difference."""
     for key in sorted(set(old) | set(new)):
-        if not prefix and key in RESUME_IGNORES:
+        if (not prefix and key in RESUME_IGNORES) or key not in old:
             continue
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):

@@ -67,6 +67,7 @@ class RunEvaluation:
             "forget_prompts": run["forget"], "forget_concepts": self.concepts, "retain_prompts_count": len(run["retain"]),
             "anchor_prompts": sorted(set(run["anchors"])),
             "steps": run["step"], "steps_to_converge": run["steps_to_converge"],
+            "seconds_to_converge": run.get("seconds_to_converge"),  # training (or the solve's) seconds up to then
             "wall_time_s": round(time.time() - t_start, 1),
             **metrics, **base,
             "perceptual_network": evaluator.perceptual.name if evaluator.perceptual else None,
@@ -99,7 +100,7 @@ class RunEvaluation:
 
 SUMMARY = ("forget_accuracy", "retain_accuracy", "base_forget_accuracy", "base_retain_accuracy",
            "cross_domain_retain_accuracy", "base_cross_domain_retain_accuracy", "integrity_retain",
-           "integrity_forget", "steps_to_converge", "wall_time_s")
+           "integrity_forget", "steps_to_converge", "seconds_to_converge", "solve_seconds", "wall_time_s")
 
 
 def summary_line(report: dict) -> str:

@@ -6,7 +6,8 @@
     deepspeed --num_gpus 2 fastunlearn/train.py --config configs/sdxl-saddle-zero2.yaml
 
 Reads top to bottom: parse (fastunlearn.cli) -> build: pipeline, teacher and student (DeepSpeed), data
-(teacher-sampled latents, or images) -> loop -> finish: the final evaluation (fastunlearn.report), the
+(teacher-sampled latents, or images) -> loop (a closed-form method, fastunlearn.uce: one solve instead, no data or
+engine) -> finish: the final evaluation (fastunlearn.report), the
 unlearned model (fastunlearn.export), report.json, grid and model card, published at once (fastunlearn.outputs).
 """
 from __future__ import annotations
@@ -89,13 +90,7 @@ class Trainer:
     def _build(self, forget, retain, anchors):
         """Load and check everything the run needs: pipeline, process group, DeepSpeed config, teacher,
         conditioning, data, engine. Writes nothing to the output folder."""
-        from fastunlearn.models import (
-            Conditioner,
-            fingerprint,
-            load_pipeline,
-            prompt_overflow,
-            teacher_and_student,
-        )
+        from fastunlearn.models import load_pipeline, prompt_overflow, teacher_and_student
         from fastunlearn.report import RunEvaluation
 
         cfg = self.cfg
@@ -109,7 +104,19 @@ class Trainer:
         self.ds_config = deepspeed_config(cfg, self.world)  # a contradictory config fails before any sampling
         self.pipe.to(self.device)
         self.forget, self.retain, self.anchors = forget, retain, anchors
-        self.teacher, self.student = teacher_and_student(self.pipe, cfg)
+        edited = self.method.bind(self.pipe, forget, anchors, retain) if self.method.closed_form else None
+        self.teacher, self.student = teacher_and_student(self.pipe, cfg, edited)
+        self.step, self.history, self.steps_to_converge, self.nonfinite_in_row, self.skipped_steps = 0, [], None, 0, []
+        self.engine, self.train_seconds, self.seconds_to_converge = None, 0.0, None  # seconds: training or the solve
+        if not self.method.closed_form:  # UCE, RECE (fastunlearn.uce) are solved on the weights: no data, no engine
+            self._build_training(forget, retain, anchors)
+        self.robust = make_robust(self)  # --robust: the adversarial pool (fastunlearn.robust), else a no-op
+
+    def _build_training(self, forget, retain, anchors):
+        """What a trained method needs: the conditioning table, the data, the DeepSpeed engine."""
+        from fastunlearn.models import Conditioner, fingerprint
+
+        cfg = self.cfg
         self.cond = Conditioner(self.pipe, forget + retain + anchors, self.device, self.dtype)
         self.calls = ModelCalls(self.teacher, self.cond, self.device, self.dtype)
 
@@ -130,8 +137,6 @@ class Trainer:
         self.engine = initialize(self.student, cfg, self.ds_config)
         self.calls.engine = self.engine
         self.guard = StepGuard(self.engine.basic_optimizer)  # the optimizer DeepSpeed steps, whoever built it
-        self.step, self.history, self.steps_to_converge, self.nonfinite_in_row, self.skipped_steps = 0, [], None, 0, []
-        self.robust = make_robust(self)  # --robust: the adversarial pool (fastunlearn.robust), else a no-op
 
     def context(self):
         """The narrow view of the run a method gets at setup (fastunlearn.methods.Context)."""
@@ -158,9 +163,9 @@ class Trainer:
                                          final)
 
     def evaluate(self, evaluator):
-        self.engine.module.eval()
-        metrics, images = evaluator.evaluate(with_unet(self.pipe, self.engine.module))
-        self.engine.module.train()
+        self.student.eval()  # the engine's module (DeepSpeed wraps the student itself)
+        metrics, images = evaluator.evaluate(with_unet(self.pipe, self.student))
+        self.student.train()
         return metrics, images
 
     # ---- checkpoints -----------------------------------------------------------------------------
@@ -169,6 +174,7 @@ class Trainer:
         a kill at any moment leaves the last complete checkpoint intact."""
         state = {"step": self.step, "method": self.method.state_dict(), "history": self.history,
                  "steps_to_converge": self.steps_to_converge, "torch_rng": torch.get_rng_state(),
+                 "train_seconds": self.train_seconds, "seconds_to_converge": self.seconds_to_converge,
                  "nonfinite_in_row": self.nonfinite_in_row, "skipped_steps": self.skipped_steps, "robust": self.robust.state_dict()}
         checkpoint.save(self.engine, self.out / "checkpoints", self.step, state, self.cfg.keep_checkpoints,
                         self.rank, self.world)
@@ -181,6 +187,7 @@ class Trainer:
             return False
         path, state = found
         self.step, self.history, self.steps_to_converge = state["step"], state["history"], state["steps_to_converge"]
+        self.train_seconds, self.seconds_to_converge = state.get("train_seconds", 0.0), state.get("seconds_to_converge")
         self.method.load_state_dict(state["method"])
         self.robust.load_state_dict(state.get("robust"))
         self.nonfinite_in_row, self.skipped_steps = state.get("nonfinite_in_row", 0), state.get("skipped_steps", [])
@@ -219,6 +226,11 @@ class Trainer:
 
     def _train(self):
         cfg = self.cfg
+        if self.method.closed_form:  # UCE, RECE: one solve on the weights instead of the loop (fastunlearn.uce)
+            self.train_seconds = self.method.solve()
+            self.log(f"method {cfg.method} on {cfg.model}: solved in {self.train_seconds:.3f} s "
+                     + json.dumps(self.method.report()))
+            return self.finish()
         self.method.setup(self.context())
         self.maybe_resume()
         self.log(f"method {cfg.method} on {cfg.model}, params {cfg.params}, ZeRO {cfg.zero_stage}, "
@@ -229,6 +241,7 @@ class Trainer:
                  f"weight_decay {group.get('weight_decay', 0):g}, gradient_clipping {self.ds_config['gradient_clipping']:g}")
         evaluator = self.evaluator(final=False) if cfg.eval.every or cfg.eval.early_every else None
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"unlearning ({cfg.method})", disable=self.rank != 0)
+        tick = time.time()
         while self.step < cfg.max_steps:
             logs, bad_terms = {}, []
             for micro in range(cfg.gradient_accumulation_steps):
@@ -260,6 +273,7 @@ class Trainer:
             bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k in ("loss", "lam", "probe", "G", "R", "R_max", "mu_max", "w_max")} | self.robust.postfix)
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 self.log(f"step {self.step} " + " ".join(f"{k}={v:.5g}" for k, v in logs.items()))
+            self.train_seconds += time.time() - tick  # training time: not the evaluations and checkpoints below
             if evaluator is not None and cfg.eval.due(self.step) and self.step < cfg.max_steps:
                 metrics, _ = self.evaluate(evaluator)
                 self.history.append({"step": self.step, **metrics,
@@ -267,12 +281,13 @@ class Trainer:
                 self.log(f"eval step {self.step} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
                 self.tracker.log(metrics, self.step, "eval/")
                 if self.steps_to_converge is None and self.evaluation.forgotten(metrics):
-                    self.steps_to_converge = self.step
+                    self.steps_to_converge, self.seconds_to_converge = self.step, round(self.train_seconds, 3)
                     if cfg.eval.stop_when_forgotten:
                         self.log(f"forget criterion met at step {self.step}: stopping early")
                         break
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.max_steps:
                 self.save_checkpoint()
+            tick = time.time()
         bar.close()
         self.finish()
 
@@ -302,13 +317,14 @@ class Trainer:
         base = evaluator.base()
         self.history.append({"step": self.step, "final": True, **metrics})
         if self.steps_to_converge is None and self.evaluation.forgotten(metrics):
-            self.steps_to_converge = self.step
+            self.steps_to_converge, self.seconds_to_converge = self.step, round(self.train_seconds, 3)
         unet = self.final_unet()  # collective under ZeRO-3
         if self.rank != 0:
             return
         t_imgs, _ = evaluator.teacher()
         run = {"forget": self.forget, "retain": self.retain, "anchors": self.anchors, "step": self.step,
-               "steps_to_converge": self.steps_to_converge, "world_size": self.world, "history": self.history,
+               "steps_to_converge": self.steps_to_converge, "seconds_to_converge": self.seconds_to_converge,
+               "world_size": self.world, "history": self.history,
                "notes": self.notes, "skipped_steps": self.skipped_steps}
         report = self.evaluation.report(run, metrics, base, evaluator, teacher_facts(cfg, self.teacher, self.student),
                                         self.t_start)
@@ -324,8 +340,8 @@ class Trainer:
 
     def final_unet(self):
         """The trained UNet with full weights (gathered from all ranks under ZeRO-3; None off rank 0)."""
-        if self.cfg.zero_stage != 3:
-            return self.engine.module
+        if self.cfg.zero_stage != 3 or self.engine is None:
+            return self.student  # the engine's module
         state = self.engine._zero3_consolidated_16bit_state_dict()
         if self.rank != 0:
             return None

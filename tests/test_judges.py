@@ -255,6 +255,7 @@ def test_training_run_reports_judge_rates_with_a_local_clip(fixture, request, ba
     assert set(report["retain_rate_by_prompt"]) == {"a photo of dog", "a photo of car"}
     # threshold 1.0: forgotten at the first in-training evaluation, which stops the run there
     assert report["steps_to_converge"] == 1 and report["steps"] == 1
+    assert 0 < report["seconds_to_converge"] < report["wall_time_s"]  # the training step's, not the evaluations'
     evals = [h for h in report["history"] if "forget_rate" in h]
     assert [h["step"] for h in evals] == [1, 1] and evals[-1].get("final")
     assert all(0 <= h["forget_rate"] <= 1 and 0 <= h["retain_rate"] <= 1 for h in evals)
@@ -268,5 +269,5 @@ def test_training_run_without_a_judge_notes_it(base_args, tmp_path, monkeypatch)
     out = tmp_path / "out"
     main([*base_args, "--method", "ovw", "--output-dir", str(out), "--max-steps", "1"])
     report = json.loads((out / "report.json").read_text())
-    assert "forget_rate" not in report and report["steps_to_converge"] is None
+    assert "forget_rate" not in report and report["steps_to_converge"] is None and report["seconds_to_converge"] is None
     assert any(n.startswith("forget rate not measured") for n in report["notes"])

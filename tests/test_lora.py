@@ -10,7 +10,7 @@ import torch
 from diffusers import DiffusionPipeline
 from test_train import TINY, clean_env, run_inprocess
 
-from fastunlearn.config import METHODS
+from fastunlearn.config import TRAINED_METHODS
 
 
 def args(model, prompt_files, out, *extra):
@@ -38,7 +38,7 @@ def unet_inputs(unet, seed=0):
 
 
 @pytest.mark.parametrize("fixture", ["tiny_sd_path", "tiny_sdxl_path"])
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", TRAINED_METHODS)  # uce, rece: tests/test_uce.py
 def test_every_method_trains_lora_and_saves_the_adapter(method, fixture, request, prompt_files, tmp_path, monkeypatch):
     monkeypatch.setenv("FASTUNLEARN_CACHE", str(tmp_path / "cache"))
     model = request.getfixturevalue(fixture)

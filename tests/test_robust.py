@@ -13,7 +13,7 @@ import test_methods_formula as F
 import torch
 
 from fastunlearn import methods as M
-from fastunlearn.config import METHODS
+from fastunlearn.config import TRAINED_METHODS
 from fastunlearn.testing import SMALL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,7 +179,7 @@ def run(argv):
 
 
 @pytest.mark.parametrize("fixture", ["tiny_sd_path", "tiny_sdxl_path"])
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", TRAINED_METHODS)  # uce, rece: tests/test_uce.py
 def test_every_method_trains_with_robust(method, fixture, request, argv, tmp_path):
     model = request.getfixturevalue(fixture)
     run(["--model", str(model), "--method", method, *argv, "--max-steps", "2", "--set", "robust.every=1",

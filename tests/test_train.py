@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
-from fastunlearn.config import METHODS, TrainConfig, load_config
+from fastunlearn.config import TRAINED_METHODS, TrainConfig, load_config
 from fastunlearn.methods import Saddle, SaddleConfig
 
 TRAIN = str(Path(__file__).resolve().parents[1] / "fastunlearn" / "train.py")
@@ -41,7 +41,7 @@ def run_inprocess(argv):
 
 
 @pytest.mark.parametrize("fixture", ["tiny_sd_path", "tiny_sdxl_path"])
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", TRAINED_METHODS)  # uce, rece: tests/test_uce.py
 def test_every_method_runs_three_steps(method, fixture, request, prompt_files, tmp_path, monkeypatch):
     monkeypatch.setenv("FASTUNLEARN_CACHE", str(tmp_path / "cache"))
     model = request.getfixturevalue(fixture)
