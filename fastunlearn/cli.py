@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lpips-weights", default=None, metavar="PATH",
                    help="torchvision's alexnet weights file for LPIPS-alex (eval.lpips_weights; default: the torch "
                         "hub cache, downloaded there when online)")
+    p.add_argument("--init", choices=("original", "uce"), default=None,
+                   help="the student's start: the original model, or its UCE edit (a trained method starting from "
+                        "the closed-form edit, uce.* settings; the teacher stays the original; docs/methods.md)")
     p.add_argument("--robust", action="store_true", default=None,
                    help="adversarial unlearning, with any method: an inner Concept Inversion attack on the student "
                         "every robust.every steps, whose embeddings the forget term also sees (robust.enabled; "
@@ -174,6 +177,8 @@ def apply_args(args, cfg: TrainConfig) -> TrainConfig:
         cfg.robust.enabled = True
     if args.robust_concept is not None:
         cfg.robust.concept = args.robust_concept
+    if args.init is not None:
+        cfg.init = args.init
     if args.fid_weights is not None:
         cfg.eval.fid, cfg.eval.fid_weights = "inception", args.fid_weights
     if args.lpips_weights is not None:

@@ -150,6 +150,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     attention: str = "sdpa"          # sdpa (PyTorch scaled_dot_product_attention, diffusers' default) | xformers
     teacher: str = "auto"            # auto | copy | shared: shared = no second copy of frozen weights (params != full, ZeRO < 3)
+    init: str = "original"           # the student's start: original | uce (the UCE edit, fastunlearn.uce; the teacher
+                                     # stays the original)
     grad_clip: float = num(1.0, 0)  # 0: no clipping
     forget_samples_per_prompt: int = num(10, 1)  # data-free mode: teacher samples cached per forget prompt
     retain_samples_per_prompt: int = num(10, 1)
@@ -183,6 +185,14 @@ class TrainConfig:
             raise FastUnlearnError(f"teacher must be auto, copy or shared, got {self.teacher!r}")
         if self.teacher == "shared" and (self.params == "full" or self.zero_stage == 3):
             raise FastUnlearnError("teacher: shared needs a parameter subset (params: attn2 or non-attn2) and ZeRO stage < 3")
+        if self.init not in ("original", "uce"):
+            raise FastUnlearnError(f"init must be original or uce, got {self.init!r}")
+        if self.init == "uce" and (self.lora.rank or self.teacher == "shared" or self.method in CLOSED_FORM_METHODS
+                                   or (self.params != "full" and self.teacher != "copy")):
+            why = ("--method " + self.method + " is a closed-form edit itself" if self.method in CLOSED_FORM_METHODS
+                   else "the teacher must be a copy of the original, which LoRA and a shared teacher are not "
+                   "(with --params, set teacher: copy)")
+            raise FastUnlearnError(f"--init uce is for trained methods with full weights: {why}")
         check_ranges(self)
         if self.lora.rank:
             if self.zero_stage == 3:

@@ -108,6 +108,12 @@ class Trainer:
         self.teacher, self.student = teacher_and_student(self.pipe, cfg, edited)
         self.step, self.history, self.steps_to_converge, self.nonfinite_in_row, self.skipped_steps = 0, [], None, 0, []
         self.engine, self.train_seconds, self.seconds_to_converge = None, 0.0, None  # seconds: training or the solve
+        self.init_report = None
+        if cfg.init == "uce":  # the student starts from the UCE edit; the solve counts as training time
+            from fastunlearn.uce import start_from_uce
+
+            self.init_report = start_from_uce(cfg, self.pipe, self.teacher, forget, anchors, retain)
+            self.train_seconds = self.init_report["solve_seconds"]
         if not self.method.closed_form:  # UCE, RECE (fastunlearn.uce) are solved on the weights: no data, no engine
             self._build_training(forget, retain, anchors)
         self.robust = make_robust(self)  # --robust: the adversarial pool (fastunlearn.robust), else a no-op
@@ -329,6 +335,8 @@ class Trainer:
         report = self.evaluation.report(run, metrics, base, evaluator, teacher_facts(cfg, self.teacher, self.student),
                                         self.t_start)
         report.update(**self.method.report(), **self.robust.report())
+        if self.init_report is not None:
+            report["init_uce"] = self.init_report
         tmp = self.folder.tmp_dir()  # everything is written here first, then moved into place
         names = trained_names(self.student, lora=bool(cfg.lora.rank))  # as named in the merged UNet
         save_unlearned(tmp, cfg, self.pipe, unet, names, self.step, self.dtype)

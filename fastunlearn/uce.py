@@ -202,3 +202,18 @@ class RECE(UCE):
         out = super().report()
         out["rece"] = {"rounds": self.args.rounds, "regular_scale": self.args.regular_scale, "trace": self.trace}
         return out
+
+
+def start_from_uce(cfg, pipe, teacher, forget, anchors, retain) -> dict:
+    """`--init uce`: edit the student (`pipe.unet`, before DeepSpeed sees it) with UCE at the run's uce.* settings;
+    the teacher must be a separate copy, so that it stays the original. Returns the report's `init_uce` (the solve's
+    facts and seconds)."""
+    if cfg.lora.rank or hasattr(teacher, "extra_bytes"):
+        raise FastUnlearnError("--init uce needs a teacher that is a copy of the original: not with LoRA or a shared "
+                               "teacher (the edit would change the teacher too); use full weights and teacher: copy/auto")
+    if cfg.method in ("uce", "rece"):
+        raise FastUnlearnError(f"--init uce is for the trained methods; --method {cfg.method} is a closed-form edit itself")
+    edit = UCE(cfg)
+    edit.bind(pipe, forget, anchors, retain)
+    edit.solve()
+    return edit.report()

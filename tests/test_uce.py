@@ -287,3 +287,38 @@ def test_an_unfinished_run_from_before_the_uce_sections_still_resumes():
     assert config_difference({**old, "lr": 1.0}, new) == "lr: 1.0 -> 0.0002"
     assert config_difference(new, {**new, "uce": {**new["uce"], "lamb": 2.0}}) == "uce.lamb: 0.5 -> 2.0"
     assert config_difference({**new, "gone": 1}, new) == "gone: 1 -> None"
+
+
+def test_init_uce_starts_the_student_from_the_edit_and_keeps_the_teacher(base_args, tmp_path, monkeypatch):
+    """--init uce: with a vanishing lr the trained student is the UCE edit (to 1e-6) while Saddle's G0, measured on
+    the teacher alone, is the plain run's (the teacher stays the original); the solve is in the report."""
+    from diffusers import DiffusionPipeline
+
+    monkeypatch.setenv("FASTUNLEARN_CACHE", str(tmp_path / "cache"))
+    runs = {"uce": ["--method", "uce"], "init": ["--method", "saddle", "--init", "uce", "--max-steps", "1",
+                                                 "--set", "lr=1e-12"],
+            "plain": ["--method", "saddle", "--max-steps", "1", "--set", "lr=1e-12"]}
+    for name, extra in runs.items():
+        assert train([*base_args, *extra, "--output-dir", str(tmp_path / name)]) == 0
+    rep = {n: json.loads((tmp_path / n / "report.json").read_text()) for n in runs}
+    assert rep["init"]["init_uce"]["solve_seconds"] > 0 and "init_uce" not in rep["plain"]
+    assert rep["init"]["init_uce"]["uce"]["edited_projections"] == rep["uce"]["uce"]["edited_projections"]
+    assert rep["init"]["G0"] == rep["plain"]["G0"]
+    a = DiffusionPipeline.from_pretrained(tmp_path / "init").unet.state_dict()
+    b = DiffusionPipeline.from_pretrained(tmp_path / "uce").unet.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert json.loads((tmp_path / "init" / "config.json").read_text())["init"] == "uce"
+
+
+@pytest.mark.parametrize("extra,expect", [
+    (["--method", "uce"], "closed-form edit itself"),
+    (["--lora-rank", "4"], "LoRA and a shared teacher"),
+    (["--params", "attn2"], "set teacher: copy"),
+    (["--set", "init=start"], "init must be original or uce"),
+])
+def test_init_uce_bad_combinations_are_one_line_errors(extra, expect, base_args):
+    from fastunlearn.train import config_from_args
+
+    with pytest.raises(FastUnlearnError, match=expect) as info:
+        config_from_args([*base_args, "--init", "uce", *extra] if "init=" not in extra[-1] else [*base_args, *extra])
+    assert "\n" not in str(info.value)
