@@ -344,23 +344,37 @@ def read_concepts(forget_prompts, forget_concepts) -> dict[str, list[str]] | Non
         if not isinstance(forget_concepts, dict) or not forget_concepts:
             raise FastUnlearnError("forget_concepts must map concept names to prompts or prompt files")
         out = {str(k): read_prompts(v, f"forget prompt (concept {k})") for k, v in forget_concepts.items()}
-    elif isinstance(forget_prompts, str) and Path(forget_prompts).suffix == ".txt" and Path(forget_prompts).is_file():
-        lines = [ln for ln in Path(forget_prompts).read_text().splitlines() if ln.strip()]
-        matches = [CONCEPT_LINE.match(ln) for ln in lines]
-        if not lines or not all(matches):
-            return None
-        out = {}
-        for m in matches:
-            out.setdefault(m.group(1), []).append(m.group(2).strip())
     else:
+        out = named_lines(forget_prompts)
+        if out is None:
+            return None
+    check_disjoint(out, "forget prompt", "concepts")
+    return out
+
+
+def named_lines(path) -> dict[str, list[str]] | None:
+    """{name: prompts} of a .txt file whose every non-empty line reads `name: prompt` (name: letters, digits, `_.-`);
+    None for anything else (not such a file, or a line without a name)."""
+    if not (isinstance(path, str) and Path(path).suffix == ".txt" and Path(path).is_file()):
         return None
+    lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
+    matches = [CONCEPT_LINE.match(ln) for ln in lines]
+    if not lines or not all(matches):
+        return None
+    out: dict[str, list[str]] = {}
+    for m in matches:
+        out.setdefault(m.group(1), []).append(m.group(2).strip())
+    return out
+
+
+def check_disjoint(named: dict[str, list[str]], what: str, kind: str) -> None:
+    """A one-line error when a prompt is in two of the named sets."""
     seen: dict[str, str] = {}
-    for name, prompts in out.items():
+    for name, prompts in named.items():
         for q in prompts:
             if q in seen and seen[q] != name:
-                raise FastUnlearnError(f"forget prompt {q!r} is in two concepts ({seen[q]} and {name})")
+                raise FastUnlearnError(f"{what} {q!r} is in two {kind} ({seen[q]} and {name})")
             seen[q] = name
-    return out
 
 
 def read_prompts(value, what: str) -> list[str] | None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .config import CONCEPT_LINE, read_prompts
+from .config import check_disjoint, named_lines, read_prompts
 from .errors import FastUnlearnError
 
 
@@ -75,23 +75,12 @@ def read_retain_groups(retain_prompts, retain_groups) -> dict[str, list[str]] | 
                 if "list is empty" not in str(exc):
                     raise
                 raise FastUnlearnError(f"retain group {name!r} is empty: it has no prompts") from None
-    elif isinstance(retain_prompts, str) and Path(retain_prompts).suffix == ".txt" and Path(retain_prompts).is_file():
-        lines = [ln for ln in Path(retain_prompts).read_text().splitlines() if ln.strip()]
-        matches = [CONCEPT_LINE.match(ln) for ln in lines]
-        if not lines or not all(matches):
-            return None
-        out = {}
-        for m in matches:
-            out.setdefault(m.group(1), []).append(m.group(2).strip())
     else:
-        return None
+        out = named_lines(retain_prompts)
+        if out is None:
+            return None
     _check_names(out)
-    seen: dict[str, str] = {}
-    for name, prompts in out.items():
-        for q in prompts:
-            if q in seen and seen[q] != name:
-                raise FastUnlearnError(f"retain prompt {q!r} is in two groups ({seen[q]} and {name})")
-            seen[q] = name
+    check_disjoint(out, "retain prompt", "groups")
     return out
 
 
