@@ -146,6 +146,15 @@ def separated(reports: list[dict]) -> list[str]:
     return sorted(lines)
 
 
+def converge_seconds(r: dict) -> str:
+    """Wall seconds from the first training step (or the start of a closed-form solve) to the first evaluation at
+    which the forget criterion held (`seconds_to_converge`); "—" if it never held, "n/a" for a report from before
+    the field existed."""
+    if "seconds_to_converge" not in r:
+        return "n/a"
+    return fmt(r["seconds_to_converge"], 1)
+
+
 def ci_cell(r: dict, key: str) -> str:
     v = intervals(r).get(key)
     return "—" if v is None else f"{fmt(v[0], 2)} [{fmt(v[1], 2)}, {fmt(v[2], 2)}]"
@@ -156,8 +165,9 @@ def table_styles(reports: list[dict]) -> str:
     accuracy) with Wilson 95 % intervals, I_retain with its normal 95 % half-width, then per neighbour group."""
     lines = ["| run | task | seed | unlearning acc (base) | in-domain retain acc (base) | cross-domain retain acc (base) | "
              "cross-domain forget acc | I_retain ± 95 % | I_forget | FID (fid-styles, retain) | steps_to_converge | "
-             "wall time (s) | forget acc under attack (inversion / search / from a retained word) | attacks' wall time (s) |",
-             "|---" * 14 + "|"]
+             "seconds to converge | wall time (s) | forget acc under attack (inversion / search / from a retained word) | "
+             "attacks' wall time (s) |",
+             "|---" * 15 + "|"]
     for r in reports:
         base_ua = 1 - r["base_forget_accuracy"] if r.get("base_forget_accuracy") is not None else None
         conv = r.get("steps_to_converge")
@@ -167,7 +177,7 @@ def table_styles(reports: list[dict]) -> str:
             f"{ci_cell(r, 'cross_domain_retain_accuracy')} ({fmt(r.get('base_cross_domain_retain_accuracy'), 2)}) | "
             f"{ci_cell(r, 'cross_domain_forget_accuracy')} | {fmt(r['integrity_retain'])} ± {fmt(r['integrity_retain_ci95'])} | "
             f"{fmt(r['integrity_forget'])} | {fmt(r.get('fid_retain'), 2)} | {conv if conv is not None else '—'} | "
-            f"{r['wall_time_s']:.0f} | {attack_cells(r)}")
+            f"{converge_seconds(r)} | {r['wall_time_s']:.0f} | {attack_cells(r)}")
     return "\n".join(lines)
 
 
@@ -192,8 +202,9 @@ def table(reports: list[dict]) -> str:
     lines = ["| run | digit | seed | forget acc (seen / unseen phrasings) | retain acc (base) | I_retain ± 95 % | "
              "I_forget | FID (fid-digits, retain) | steps_to_converge | constraint_met_step | peak λ | "
              "I_retain at constraint_met_step (OVW there) | I_retain at convergence | I_retain at 3× convergence | "
-             "wall time (s) | forget acc under attack (inversion / search / from a retained word) | attacks' wall time (s) |",
-             "|---" * 17 + "|"]
+             "seconds to converge | wall time (s) | forget acc under attack (inversion / search / from a retained word) | "
+             "attacks' wall time (s) |",
+             "|---" * 18 + "|"]
     for r in reports:
         conv, cms = r["steps_to_converge"], r.get("constraint_met_step")
         at_3x = at_step(r, 3 * conv) if conv is not None else None
@@ -205,7 +216,8 @@ def table(reports: list[dict]) -> str:
             f"{fmt(r['retain_accuracy'], 3)} ({fmt(r['base_retain_accuracy'], 3)}) | "
             f"{fmt(r['integrity_retain'])} ± {fmt(r['integrity_retain_ci95'])} | {fmt(r['integrity_forget'])} | "
             f"{fmt(r.get('fid_retain'), 2)} | {conv if conv is not None else '—'} | {cms or '—'} | "
-            f"{fmt(r.get('peak_lambda'), 2)} | {at_cms} | {fmt(at_step(r, conv))} | {fmt(at_3x)} | {r['wall_time_s']:.0f} | "
+            f"{fmt(r.get('peak_lambda'), 2)} | {at_cms} | {fmt(at_step(r, conv))} | {fmt(at_3x)} | {converge_seconds(r)} | "
+            f"{r['wall_time_s']:.0f} | "
             f"{attack_cells(r)}")
     return "\n".join(lines)
 

@@ -67,6 +67,9 @@ def test_styles_tables_and_separated_pairs(compare, tmp_path):
     assert "| red | 0 | integrity_retain | ovw 0.210 < ga 0.600 |" in sep
     assert not [s for s in sep if "saddle" in s and "ovw" in s] and not [s for s in sep if s.startswith("| 3 |")]
     assert compare.task_name(("style", "red bold")) == "red-bold" and compare.task_name(("digit", 3)) == "d3"
+    reports[0]["seconds_to_converge"], reports[1]["seconds_to_converge"] = 12.34, None
+    md = compare.table_styles(reports)  # seconds to converge: a number, never met (—), or a report from before it (n/a)
+    assert "| 12.3 | 100 |" in md and "| — | 100 |" in md and "| n/a | 100 |" in md
     compare.plot(reports[:3], tmp_path / "curves.png", "styles")  # no history: an empty figure, no error
     assert (tmp_path / "curves.png").stat().st_size > 0
 
