@@ -13,7 +13,9 @@ I_retain against forget accuracy and against the step, and Saddle's λ beside I_
 figure per (task, seed). In the styles world (docs/worlds-styles.md) a task is a style (`--forget-styles`)
 or a digit in every style (`--forget-digits`), and the table has unlearning accuracy and in- and cross-domain
 retain accuracy with their 95 % intervals, I_retain per neighbour group, and the pairs of methods whose 95 %
-intervals on a metric do not overlap. With --reuse, a run whose report.json exists is read, not rerun.
+intervals on a metric do not overlap. Every table has `steps_to_converge` and the seconds to converge (training
+seconds, or a closed-form solve's, up to the first evaluation that met the forget criterion). With --reuse, a run
+whose report.json exists is read, not rerun.
 
 With --attack every unlearned pipeline is also attacked three ways (benchmarks/compare_attack.py: Concept
 Inversion at the attack command's defaults, the prefix search, and Concept Inversion started from a retained
