@@ -22,6 +22,13 @@ from pathlib import Path
 
 import torch
 
+try:  # the compiled baselines are timed with backward(retain_graph=True), which donated buffers forbid
+    import torch._functorch.config as _functorch_config
+
+    _functorch_config.donated_buffer = False
+except (ImportError, AttributeError):
+    pass
+
 RESULTS = Path(__file__).resolve().parent / "results"
 FIELDS = ["date", "device", "torch", "triton", "python", "threads", "op", "config", "dtype", "provider", "mode",
           "ms_median", "ms_min", "ms_max", "peak_mb", "reps", "speedup_vs_baseline", "baseline"]
@@ -237,6 +244,7 @@ def run_sweep(args, op: str, csv_name: str, configs, bench, extra_providers, dty
     env = env_fields(args.device)
     rows = []
     for label, config in configs:
+        config_rows = []
         for dname in dtypes:
             for provider in providers:
                 try:
@@ -245,11 +253,15 @@ def run_sweep(args, op: str, csv_name: str, configs, bench, extra_providers, dty
                     print(f"skip {provider} {label} {dname}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
                     continue
                 for mode, m in res.items():
-                    rows.append({**env, "op": op, "config": label, "dtype": dname, "provider": provider,
-                                 "mode": mode, **m})
-    baseline = next((p for p in (*extra_providers, "torch") if any(r["provider"] == p for r in rows)), "torch")
-    add_speedups(rows, baseline)
+                    config_rows.append({**env, "op": op, "config": label, "dtype": dname, "provider": provider,
+                                        "mode": mode, **m})
+        baseline = next((p for p in (*extra_providers, "torch") if any(r["provider"] == p for r in config_rows)),
+                        "torch")
+        add_speedups(config_rows, baseline)
+        rows += config_rows
+        if not args.no_csv and config_rows:  # each config as it finishes: a sweep cut off keeps what it measured
+            path = append_rows(csv_name, config_rows)
     print_table(rows)
-    if not args.no_csv:
-        print("appended to", append_rows(csv_name, rows))
+    if not args.no_csv and rows:
+        print("appended to", path)
     return rows

@@ -13,6 +13,7 @@
 #   benchmarks/gpu_check.sh --dry-run    # CPU-side rehearsal of every step (cpu backend, tiny sweeps)
 #   benchmarks/gpu_check.sh --prepare    # on the dev machine: fill .whl/ (ignored by git) to carry along
 #   benchmarks/gpu_check.sh --scale      # only the whole-step and integrity parts (c, d below)
+#   benchmarks/gpu_check.sh --no-steps   # everything but the SDXL steps (c): a rerun after a kernel fix
 #
 # In one call, in priority order so that a run cut off still leaves results (each part appends its CSV
 # rows as soon as it finishes, and gets at most the time left of an 8-minute budget, GPU_CHECK_BUDGET_S):
@@ -25,12 +26,14 @@ set -uo pipefail
 
 MODE=gpu
 SCALE=0
+STEPS=1
 for arg in "$@"; do
   case "$arg" in
     --dry-run) MODE=dry ;;
     --prepare) MODE=prepare ;;
     --scale) SCALE=1 ;;
-    *) echo "usage: $0 [--dry-run|--prepare|--scale]" >&2; exit 2 ;;
+    --no-steps) STEPS=0 ;;
+    *) echo "usage: $0 [--dry-run|--prepare|--scale|--no-steps]" >&2; exit 2 ;;
   esac
 done
 
@@ -89,7 +92,8 @@ make_shim() {
   for f in "$ROOT"/fastunlearn/*; do ln -s "$f" "$SHIM/fastunlearn/"; done
   ln -sfn "$ROOT/kernels" "$SHIM/fastunlearn/kernels"
 }
-if "$PY" -c "import fastunlearn.kernels, sys; sys.exit(0 if fastunlearn.__file__.startswith('$ROOT') else 1)" 2>/dev/null; then
+# asked from / : the checkout's own folder on sys.path would make it look installed when it is not
+if (cd / && "$PY" -c "import fastunlearn.kernels, sys; sys.exit(0 if fastunlearn.__file__.startswith('$ROOT') else 1)") 2>/dev/null; then
   log "fastunlearn is installed from this checkout"
 else
   make_shim
@@ -121,12 +125,16 @@ scale_parts() {  # (c) whole unlearning steps against plain fine-tuning, (d) cac
     XL=(--arch sdxl --resolution 1024 --batch 1 --steps 5 --warmup 2); IN=(--pairs 32 --steps 25 --reps 3)
   fi
   local COMMON=(--precision bf16 --grad-ckpt on --zero 2)
+  if [ "$STEPS" = 1 ]; then
   part "(c1) SDXL step: fine-tuning vs Saddle full, teacher copy" 30 150 "$PY" benchmarks/bench_train_step.py "${XL[@]}" \
     "${COMMON[@]}" --methods finetune,saddle --params full --teacher copy 2>&1 | grep -v "^train-step" | tee "$OUT_DIR/train_step_sdxl.log" | tail -4
   part "(c2) SDXL step: Saddle attn2, shared teacher" 30 120 "$PY" benchmarks/bench_train_step.py "${XL[@]}" \
     "${COMMON[@]}" --methods finetune,saddle --params attn2 --teacher shared 2>&1 | grep -v "^train-step" | tee -a "$OUT_DIR/train_step_sdxl.log" | tail -4
   part "(c3) SDXL step: Saddle LoRA r=16, adapters-off teacher" 30 120 "$PY" benchmarks/bench_train_step.py "${XL[@]}" \
     "${COMMON[@]}" --methods finetune,saddle --params full --lora 16 2>&1 | grep -v "^train-step" | tee -a "$OUT_DIR/train_step_sdxl.log" | tail -4
+  else
+    log "SKIPPED (c): --no-steps"
+  fi
   part "(d) integrity: cached vs naive" 20 90 "$PY" benchmarks/bench_integrity.py "${IN[@]}" 2>&1 | tail -3 | tee "$OUT_DIR/integrity.log"
   [ "$MODE" = gpu ] && cp -f benchmarks/results/*.csv "$OUT_DIR/" 2>/dev/null
   return 0

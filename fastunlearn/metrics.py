@@ -52,8 +52,8 @@ class DigitsPerceptual(torch.nn.Module):
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """images: (B, 3, H, W) in [0, 1]."""
-        return self.classifier.features(images * 2 - 1)
+        """images: (B, 3, H, W) in [0, 1], on any device (moved to the classifier's)."""
+        return self.classifier.features(images.to(self.classifier.head.weight.device) * 2 - 1)
 
     def distance(self, f0, f1) -> torch.Tensor:
         return lpips_distance(f0, f1, [w.to(f0[0].device) for w in self.lin_weights])
@@ -195,6 +195,7 @@ class LPIPS(torch.nn.Module):
         if min(images.shape[-2:]) < 32:
             raise FastUnlearnError(f"images of {images.shape[-2]}x{images.shape[-1]} px are too small for "
                                    f"{self.name} (at least 32 px a side)")
+        images = images.to(self.lin_weights[0].device)  # the network's device: samples come back on the CPU
         x = images * 2 - 1 if normalize else images
         return list(self.net(self.scaling_layer(x)))
 
@@ -292,7 +293,7 @@ def paired_distance(perceptual, teacher_images: torch.Tensor, student_images: to
     values = []
     for i in range(0, len(student_images), batch_size):
         f1 = perceptual.features(student_images[i:i + batch_size])
-        f0 = ([f[i:i + batch_size] for f in teacher_features] if teacher_features is not None
+        f0 = ([f[i:i + batch_size].to(f1[0].device) for f in teacher_features] if teacher_features is not None
               else perceptual.features(teacher_images[i:i + batch_size]))
         values.append(perceptual.distance(f0, f1).float().cpu())
     values = torch.cat(values)
@@ -349,7 +350,7 @@ def integrity(teacher, student, prompts, seeds, sampler=None, perceptual=None, c
                       progress="teacher" if progress else False)
         feats = perceptual.features(imgs)
         for j, i in enumerate(missing):
-            item = {"image": imgs[j].contiguous(), **{f"f{k}": f[j].contiguous() for k, f in enumerate(feats)}}
+            item = {"image": imgs[j].cpu().contiguous(), **{f"f{k}": f[j].cpu().contiguous() for k, f in enumerate(feats)}}
             tmp = entry(prompts[i], seeds[i]).with_suffix(f".tmp-{os.getpid()}")
             save_file(item, str(tmp))
             os.replace(tmp, entry(prompts[i], seeds[i]))

@@ -95,6 +95,7 @@ class StylesPerceptual(DigitsPerceptual):
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """images: (B, 3, H, W) in [0, 1] -> the three conv maps and (B, 3, 8, 8)."""
+        images = images.to(self.classifier.head.weight.device)
         return [*self.classifier.features(images * 2 - 1), F.adaptive_avg_pool2d(images.float(), 8)]
 
     @torch.no_grad()
