@@ -260,8 +260,8 @@ def run_sweep(args, op: str, csv_name: str, configs, bench, extra_providers, dty
         add_speedups(config_rows, baseline)
         rows += config_rows
         if not args.no_csv and config_rows:  # each config as it finishes: a sweep cut off keeps what it measured
-            path = append_rows(csv_name, config_rows)
+            append_rows(csv_name, config_rows)
     print_table(rows)
     if not args.no_csv and rows:
-        print("appended to", path)
+        print("appended to", RESULTS / f"{csv_name}.csv")
     return rows

@@ -126,12 +126,12 @@ scale_parts() {  # (c) whole unlearning steps against plain fine-tuning, (d) cac
   fi
   local COMMON=(--precision bf16 --grad-ckpt on --zero 2)
   if [ "$STEPS" = 1 ]; then
-  part "(c1) SDXL step: fine-tuning vs Saddle full, teacher copy" 30 150 "$PY" benchmarks/bench_train_step.py "${XL[@]}" \
-    "${COMMON[@]}" --methods finetune,saddle --params full --teacher copy 2>&1 | grep -v "^train-step" | tee "$OUT_DIR/train_step_sdxl.log" | tail -4
-  part "(c2) SDXL step: Saddle attn2, shared teacher" 30 120 "$PY" benchmarks/bench_train_step.py "${XL[@]}" \
-    "${COMMON[@]}" --methods finetune,saddle --params attn2 --teacher shared 2>&1 | grep -v "^train-step" | tee -a "$OUT_DIR/train_step_sdxl.log" | tail -4
-  part "(c3) SDXL step: Saddle LoRA r=16, adapters-off teacher" 30 120 "$PY" benchmarks/bench_train_step.py "${XL[@]}" \
-    "${COMMON[@]}" --methods finetune,saddle --params full --lora 16 2>&1 | grep -v "^train-step" | tee -a "$OUT_DIR/train_step_sdxl.log" | tail -4
+    part "(c1) SDXL step: fine-tuning vs Saddle full, teacher copy" 30 150 "$PY" benchmarks/bench_train_step.py "${XL[@]}" \
+      "${COMMON[@]}" --methods finetune,saddle --params full --teacher copy 2>&1 | grep -v "^train-step" | tee "$OUT_DIR/train_step_sdxl.log" | tail -4
+    part "(c2) SDXL step: Saddle attn2, shared teacher" 30 120 "$PY" benchmarks/bench_train_step.py "${XL[@]}" \
+      "${COMMON[@]}" --methods finetune,saddle --params attn2 --teacher shared 2>&1 | grep -v "^train-step" | tee -a "$OUT_DIR/train_step_sdxl.log" | tail -4
+    part "(c3) SDXL step: Saddle LoRA r=16, adapters-off teacher" 30 120 "$PY" benchmarks/bench_train_step.py "${XL[@]}" \
+      "${COMMON[@]}" --methods finetune,saddle --params full --lora 16 2>&1 | grep -v "^train-step" | tee -a "$OUT_DIR/train_step_sdxl.log" | tail -4
   else
     log "SKIPPED (c): --no-steps"
   fi

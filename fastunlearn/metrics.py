@@ -50,10 +50,14 @@ class DigitsPerceptual(torch.nn.Module):
         self.classifier = classifier.eval().requires_grad_(False)
         self.lin_weights = [torch.ones(c) for c in classifier.channels]
 
+    @property
+    def device(self) -> torch.device:
+        return self.classifier.head.weight.device
+
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """images: (B, 3, H, W) in [0, 1], on any device (moved to the classifier's)."""
-        return self.classifier.features(images.to(self.classifier.head.weight.device) * 2 - 1)
+        return self.classifier.features(images.to(self.device) * 2 - 1)
 
     def distance(self, f0, f1) -> torch.Tensor:
         return lpips_distance(f0, f1, [w.to(f0[0].device) for w in self.lin_weights])

@@ -95,11 +95,10 @@ class StylesPerceptual(DigitsPerceptual):
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """images: (B, 3, H, W) in [0, 1] -> the three conv maps and (B, 3, 8, 8)."""
-        images = images.to(self.classifier.head.weight.device)
-        return [*self.classifier.features(images * 2 - 1), F.adaptive_avg_pool2d(images.float(), 8)]
+        return [*super().features(images), F.adaptive_avg_pool2d(images.to(self.device).float(), 8)]
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 67): the fid-digits embedding of the ink map and the image's mean RGB (`fid-styles`)."""
         return torch.cat([self.classifier.features(images * 2 - 1)[-1].mean((2, 3)),
-                          images.float().mean((2, 3)).to(self.classifier.head.weight.device)], 1)
+                          images.float().mean((2, 3)).to(self.device)], 1)
