@@ -115,7 +115,10 @@ def resolve_prompts(cfg: TrainConfig):
     both = sorted(set(forget) & set(retain))
     if both:
         raise FastUnlearnError(f"prompt {both[0]!r} is in both the forget and the retain set")
-    anchors = read_prompts(cfg.anchor_prompts, "anchor prompt") if cfg.anchor_prompts is not None else [""]
+    if cfg.anchor_prompts is not None:
+        anchors = read_prompts(cfg.anchor_prompts, "anchor prompt")
+    else:  # a world's own anchors for its task (styles: another colour), else the empty prompt
+        anchors = (world.anchor_prompts(info, forget) if world is not None and info is not None else None) or [""]
     if len(anchors) == 1:
         anchors = anchors * len(forget)
     if len(anchors) != len(forget):

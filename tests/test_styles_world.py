@@ -141,6 +141,36 @@ def test_task_of_user_prompts():
     assert task_of_prompts([combo_prompts(1, 0)[0], combo_prompts(2, 3)[0]]) is None  # nothing shared
 
 
+def test_style_anchors_name_another_colour_and_keep_digit_and_stroke():
+    """A style task's default anchors: each forget prompt with the forgotten colour renamed (the next palette
+    colour), or a forgotten stroke alone renamed; none for a digit task; the user's anchors win (resolve_prompts)."""
+    from fastunlearn.config import TrainConfig
+    from fastunlearn.data import resolve_prompts
+    from fastunlearn.worlds.styles import ANCHOR_COLOUR
+
+    assert ANCHOR_COLOUR == {"red": "green", "green": "blue", "blue": "yellow", "yellow": "red"}
+    world = World()
+    for style, swap in (("red", ("red", "green")), ("red bold", ("red", "green")), ("bold", ("bold", "thin")),
+                        ("yellow", ("yellow", "red"))):
+        info = {"task": "style", "forget_style": style}
+        forget = world.forget_prompts(info)
+        anchors = world.anchor_prompts(info, forget)
+        assert len(anchors) == len(forget) and all(swap[0] not in a.split() for a in anchors)
+        for q, a in zip(forget, anchors):
+            assert a == q.replace(swap[0], swap[1])
+            assert parse_prompt(a)[0] == parse_prompt(q)[0]  # the same digit
+    assert world.anchor_prompts({"task": "digit", "forget_digit": 3}, ["x"]) is None
+    forget, _, anchors, info, _ = resolve_prompts(TrainConfig(model="styles", forget_style="green", method="ca"))
+    assert info["forget_style"] == "green" and anchors == [q.replace("green", "blue") for q in forget]
+    *_, anchors, _, _ = resolve_prompts(TrainConfig(model="styles", forget_digit=3, method="ca"))
+    assert set(anchors) == {""}
+    *_, anchors, _, _ = resolve_prompts(TrainConfig(model="styles", forget_style="red", method="ca",
+                                                    anchor_prompts=["a drawing"]))
+    assert set(anchors) == {"a drawing"}
+    *_, anchors, _, _ = resolve_prompts(TrainConfig(model="digits", method="ca"))
+    assert set(anchors) == {""}
+
+
 def test_fast_build_is_checksummed_and_loads_back(fast_world):
     from diffusers import StableDiffusionPipeline
 

@@ -10,6 +10,8 @@ interface:
     world.report_fields(info)                    what the world adds to a run's report
     world.retain_groups(info, retain)            the neighbour group of each retain prompt (Saddle's
                                                  retain: constraints | dro), or None
+    world.anchor_prompts(info, forget)           the anchor of each forget prompt when the user gives none
+                                                 (methods.forget_target anchor, ca, uce), or None: ""
     world.method_defaults                        {method: {config key: value}}: the world's own defaults
                                                  for a method, under the user's config (fastunlearn.cli)
     world.eval_prompts(), world.perceptual()     defaults of `python -m fastunlearn.evaluate`

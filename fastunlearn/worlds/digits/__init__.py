@@ -82,6 +82,10 @@ class World:
         digits = [digit_of_prompt(q) for q in retain]
         return None if None in digits else [str(d) for d in digits]
 
+    def anchor_prompts(self, info, forget) -> None:
+        """No anchors of its own: the empty prompt, as outside a world."""
+        return None
+
     def concept_words(self, info) -> list[str]:
         """The words that name the forgotten digit(s) in their prompts ("3", "three"): what --robust replaces."""
         return [w for d in info.get("forget_digits", [info.get("forget_digit")]) for w in (str(d), DIGIT_WORDS[d])]

@@ -5,6 +5,7 @@ in every style; neighbours: the other digits). `World` is what the rest of fastu
 (fastunlearn.worlds)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -45,6 +46,9 @@ from .world import (  # noqa: F401
     world_problem,
 )
 
+# The colour an anchor names in place of the forgotten one (anchor_prompts): the next in the palette. Chosen on the
+# tuning colour green (benchmarks/RESULTS.md, issue 26), never on red.
+ANCHOR_COLOUR = {c: COLOUR_NAMES[(i + 1) % len(COLOUR_NAMES)] for i, c in enumerate(COLOUR_NAMES)}
 REAL_RETAIN_IMAGES = 2000  # real images of the retained concepts (fid-styles' reference), a fixed subsample
 
 
@@ -144,6 +148,19 @@ class World:
         if any(c is None or k is None for _, c, k in parsed):
             return None
         return [style_name(c, k) for _, c, k in parsed]
+
+    def anchor_prompts(self, info, forget) -> list[str] | None:
+        """The anchor of each forget prompt of a style task, when the user gives none: the prompt with the
+        forgotten colour named as another (ANCHOR_COLOUR: red -> green, green -> blue, ...), or a forgotten
+        stroke alone as the other stroke ("red bold" -> "green bold"), so an anchor target keeps the digit and the stroke and only recolours (the
+        Concept Ablation recipe). The prompt without its colour word is no anchor here: the original draws it in
+        a colour of its own, mostly green (RESULTS.md, issue 26). None for a digit task (the empty prompt)."""
+        if info.get("task") != "style":
+            return None
+        colour, stroke = parse_style(info["forget_style"])
+        word, other = ((COLOUR_NAMES[colour], ANCHOR_COLOUR[COLOUR_NAMES[colour]]) if colour is not None
+                       else (STROKE_NAMES[stroke], STROKE_NAMES[1 - stroke]))
+        return [re.sub(rf"\b{word}\b", other, q, flags=re.IGNORECASE) for q in forget]
 
     def concept_words(self, info) -> list[str] | None:
         """The words that name the concept in its prompts, what --robust replaces: the digit ("3", "three") or a
