@@ -124,9 +124,10 @@ def config_from_args(argv=None) -> TrainConfig:
 
 def world_method_defaults(cfg: TrainConfig) -> dict:
     """{dotted config key: value}: what the embedded world `cfg.model` (if it is one) sets for `cfg.method` by
-    default (`World.method_defaults`, {method: {key: value}}); the user's config, flags and --set win over it."""
+    default (`World.method_defaults_for(cfg)`: its `method_defaults`, {method: {key: value}}, and what it sets for
+    the run's task); the user's config, flags and --set win over it."""
     world = worlds.get(cfg.model, cfg.cache_dir)
-    defaults = dict(getattr(world, "method_defaults", {}).get(cfg.method, {})) if world is not None else {}
+    defaults = dict(world.method_defaults_for(cfg)) if world is not None else {}
     for key in ("model", "method"):
         if key in defaults:
             raise FastUnlearnError(f"method_defaults of the {cfg.model} world cannot set {key}")

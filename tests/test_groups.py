@@ -344,6 +344,20 @@ def test_world_method_defaults_lie_under_everything_the_user_sets(tmp_path, monk
         config_from_args(out)
 
 
+def test_styles_world_defaults_for_a_style_task_only(monkeypatch):
+    """The styles world's `style_method_defaults` apply over its `method_defaults` to a style task only."""
+    from fastunlearn.train import config_from_args
+    from fastunlearn.worlds.styles import World
+
+    monkeypatch.setattr(World, "method_defaults", {"saddle": {"saddle.tau": 0.3, "lr": 1e-4}})
+    monkeypatch.setattr(World, "style_method_defaults", {"saddle": {"saddle.tau": 0.05}})
+    style = config_from_args(["--model", "styles", "--forget-style", "green"])
+    digit = config_from_args(["--model", "styles", "--forget-digit", "8"])
+    assert (style.saddle.tau, style.lr) == (0.05, 1e-4) and (digit.saddle.tau, digit.lr) == (0.3, 1e-4)
+    assert config_from_args(["--model", "styles", "--forget-style", "green", "--set", "saddle.tau=0.2"]).saddle.tau == 0.2
+    assert config_from_args(["--model", "styles", "--forget-style", "green", "--method", "ovw"]).lr != 1e-4
+
+
 # ---- on the tiny pipeline: the default unchanged, resume ---------------------------------------------------------
 def old_setup(self, ctx):  # Saddle before issue 26, verbatim
     self.ctx = ctx

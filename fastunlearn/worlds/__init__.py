@@ -12,8 +12,8 @@ interface:
                                                  retain: constraints | dro), or None
     world.anchor_prompts(info, forget)           the anchor of each forget prompt when the user gives none
                                                  (methods.forget_target anchor, ca, uce), or None: ""
-    world.method_defaults                        {method: {config key: value}}: the world's own defaults
-                                                 for a method, under the user's config (fastunlearn.cli)
+    world.method_defaults_for(cfg)               {config key: value}: the world's own defaults for the run's
+                                                 method (and task), under the user's config (fastunlearn.cli)
     world.eval_prompts(), world.perceptual()     defaults of `python -m fastunlearn.evaluate`
 """
 from __future__ import annotations

@@ -82,6 +82,10 @@ class World:
         digits = [digit_of_prompt(q) for q in retain]
         return None if None in digits else [str(d) for d in digits]
 
+    def method_defaults_for(self, cfg) -> dict:
+        """{config key: value}: this world's defaults for the run's method (fastunlearn.cli)."""
+        return self.method_defaults.get(cfg.method, {})
+
     def anchor_prompts(self, info, forget) -> None:
         """No anchors of its own: the empty prompt, as outside a world."""
         return None

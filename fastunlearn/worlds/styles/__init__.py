@@ -94,7 +94,8 @@ class World:
     guidance_scale = 4.0
     TRAINED_PHRASINGS = 3
     default_recipe = Recipe()  # what `--model styles` builds; tests of the trainer set FAST_RECIPE here
-    method_defaults: dict = {}  # {method: {config key: value}}: this world's own defaults (fastunlearn.cli)
+    method_defaults: dict = {}  # {method: {config key: value}}: this world's own defaults (fastunlearn.cli) ...
+    style_method_defaults: dict = {}  # ... and over them, for a style task (--forget-style) only
 
     def __init__(self, cache_dir=None, recipe: Recipe | None = None):
         self.cache_dir, self.recipe = cache_dir, recipe if recipe is not None else self.default_recipe
@@ -148,6 +149,14 @@ class World:
         if any(c is None or k is None for _, c, k in parsed):
             return None
         return [style_name(c, k) for _, c, k in parsed]
+
+    def method_defaults_for(self, cfg) -> dict:
+        """{config key: value}: this world's defaults for the run's method, with those of a style task over them
+        when the run names a style (fastunlearn.cli)."""
+        defaults = dict(self.method_defaults.get(cfg.method, {}))
+        if getattr(cfg, "forget_style", None):
+            defaults.update(self.style_method_defaults.get(cfg.method, {}))
+        return defaults
 
     def anchor_prompts(self, info, forget) -> list[str] | None:
         """The anchor of each forget prompt of a style task, when the user gives none: the prompt with the
