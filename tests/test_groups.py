@@ -351,8 +351,10 @@ def test_styles_world_defaults_for_a_style_task_only(monkeypatch):
 
     chosen = config_from_args(["--model", "styles", "--forget-style", "red"])  # the world's Saddle for a style
     assert (chosen.forget_target, chosen.saddle.tau, chosen.lr, chosen.saddle.lambda_init) == ("anchor", 0.01, 1e-4, 1.0)
-    plain = config_from_args(["--model", "styles", "--forget-digit", "3"])  # a digit task: today's defaults
-    assert (plain.forget_target, plain.saddle.tau, plain.lr, plain.saddle.lambda_init) == ("esd", 0.2, 2e-4, 0.0)
+    digit = config_from_args(["--model", "styles", "--forget-digit", "3"])  # a digit task: no style defaults
+    assert (digit.forget_target, digit.saddle.tau, digit.lr, digit.saddle.lambda_init) == ("anchor", 0.01, 1e-4, 0.0)
+    ovw = config_from_args(["--model", "styles", "--forget-style", "red", "--method", "ovw"])  # other methods: today's
+    assert (ovw.forget_target, ovw.lr) == ("esd", 2e-4)
     monkeypatch.setattr(World, "method_defaults", {"saddle": {"saddle.tau": 0.3, "lr": 1e-4}})
     monkeypatch.setattr(World, "style_method_defaults", {"saddle": {"saddle.tau": 0.05}})
     style = config_from_args(["--model", "styles", "--forget-style", "green"])

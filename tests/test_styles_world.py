@@ -142,8 +142,9 @@ def test_task_of_user_prompts():
 
 
 def test_style_anchors_name_another_colour_and_keep_digit_and_stroke():
-    """A style task's default anchors: each forget prompt with the forgotten colour renamed (the next palette
-    colour), or a forgotten stroke alone renamed; none for a digit task; the user's anchors win (resolve_prompts)."""
+    """The styles world's default anchors: each forget prompt with the forgotten colour renamed (the next palette
+    colour), a forgotten stroke alone renamed, or the forgotten digit as the next; the user's anchors win
+    (resolve_prompts); the digits world keeps the empty prompt."""
     from fastunlearn.config import TrainConfig
     from fastunlearn.data import resolve_prompts
     from fastunlearn.worlds.styles import ANCHOR_COLOUR
@@ -159,11 +160,15 @@ def test_style_anchors_name_another_colour_and_keep_digit_and_stroke():
         for q, a in zip(forget, anchors):
             assert a == q.replace(swap[0], swap[1])
             assert parse_prompt(a)[0] == parse_prompt(q)[0]  # the same digit
-    assert world.anchor_prompts({"task": "digit", "forget_digit": 3}, ["x"]) is None
+    info = {"task": "digit", "forget_digit": 9}
+    forget = world.forget_prompts(info)
+    anchors = world.anchor_prompts(info, forget)
+    assert [parse_prompt(a) for a in anchors] == [(0,) + parse_prompt(q)[1:] for q in forget]  # 9 -> 0, style kept
+    assert anchors[0] == forget[0].replace("nine", "zero")
     forget, _, anchors, info, _ = resolve_prompts(TrainConfig(model="styles", forget_style="green", method="ca"))
     assert info["forget_style"] == "green" and anchors == [q.replace("green", "blue") for q in forget]
-    *_, anchors, _, _ = resolve_prompts(TrainConfig(model="styles", forget_digit=3, method="ca"))
-    assert set(anchors) == {""}
+    forget, _, anchors, _, _ = resolve_prompts(TrainConfig(model="styles", forget_digit=3, method="ca"))
+    assert anchors == [q.replace("three", "four").replace("3", "4") for q in forget]
     *_, anchors, _, _ = resolve_prompts(TrainConfig(model="styles", forget_style="red", method="ca",
                                                     anchor_prompts=["a drawing"]))
     assert set(anchors) == {"a drawing"}
