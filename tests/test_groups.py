@@ -344,7 +344,7 @@ def test_world_method_defaults_lie_under_everything_the_user_sets(tmp_path, monk
         config_from_args(out)
 
 
-def test_styles_world_defaults_for_a_style_task_only(monkeypatch):
+def test_styles_world_defaults_for_a_style_task_only(tmp_path, monkeypatch):
     """The styles world's `style_method_defaults` apply over its `method_defaults` to a style task only."""
     from fastunlearn.train import config_from_args
     from fastunlearn.worlds.styles import World
@@ -355,6 +355,10 @@ def test_styles_world_defaults_for_a_style_task_only(monkeypatch):
     assert (digit.forget_target, digit.saddle.tau, digit.lr, digit.saddle.lambda_init) == ("anchor", 0.01, 1e-4, 0.0)
     ovw = config_from_args(["--model", "styles", "--forget-style", "red", "--method", "ovw"])  # other methods: today's
     assert (ovw.forget_target, ovw.lr) == ("esd", 2e-4)
+    own = tmp_path / "forget.txt"
+    own.write_text("the number 3 in thin red ink\nthe number 4 in thin red ink\n")
+    mine = config_from_args(["--model", "styles", "--forget-style", "red", "--forget-prompts", str(own)])
+    assert (mine.forget_target, mine.lr) == ("esd", 2e-4)  # the user's prompts: no world anchors assumed
     monkeypatch.setattr(World, "method_defaults", {"saddle": {"saddle.tau": 0.3, "lr": 1e-4}})
     monkeypatch.setattr(World, "style_method_defaults", {"saddle": {"saddle.tau": 0.05}})
     style = config_from_args(["--model", "styles", "--forget-style", "green"])

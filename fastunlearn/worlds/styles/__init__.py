@@ -46,8 +46,8 @@ from .world import (  # noqa: F401
     world_problem,
 )
 
-# The colour an anchor names in place of the forgotten one (anchor_prompts): the next in the palette. Chosen on the
-# tuning colour green (benchmarks/RESULTS.md, issue 26), never on red.
+# The colour an anchor names in place of the forgotten one (anchor_prompts): the next in the palette, a fixed rule,
+# not tuned (on green, blue and red were compared only at tau 0.2, where neither forgot: benchmarks/RESULTS.md).
 ANCHOR_COLOUR = {c: COLOUR_NAMES[(i + 1) % len(COLOUR_NAMES)] for i, c in enumerate(COLOUR_NAMES)}
 REAL_RETAIN_IMAGES = 2000  # real images of the retained concepts (fid-styles' reference), a fixed subsample
 
@@ -159,7 +159,10 @@ class World:
 
     def method_defaults_for(self, cfg) -> dict:
         """{config key: value}: this world's defaults for the run's method, with those of a style task over them
-        when the run names a style (fastunlearn.cli)."""
+        when the run names a style (fastunlearn.cli). None when the user gives the forget prompts: the defaults
+        rest on the world's own anchors, which such prompts may not have."""
+        if cfg.forget_prompts is not None or cfg.forget_data_dir:
+            return {}
         defaults = dict(self.method_defaults.get(cfg.method, {}))
         if getattr(cfg, "forget_style", None):
             defaults.update(self.style_method_defaults.get(cfg.method, {}))
@@ -168,8 +171,8 @@ class World:
     def anchor_prompts(self, info, forget) -> list[str] | None:
         """The anchor of each forget prompt, when the user gives none (the Concept Ablation recipe: a neighbour
         concept, everything else kept). A style task: the prompt with the forgotten colour named as another
-        (ANCHOR_COLOUR: red -> green, green -> blue, ...), or a forgotten stroke alone as the other stroke
-        ("red bold" -> "green bold"), so the digit and the stroke stay. The prompt without its colour word is no
+        (ANCHOR_COLOUR: red -> green, green -> blue, ...; "red bold" -> "green bold"), or, for a stroke alone, the
+        other stroke, so the digit and the stroke stay. The prompt without its colour word is no
         anchor here: the original draws it in a colour of its own, mostly green (RESULTS.md, issue 26). A digit
         task: the next digit, numeral and word (the 3 -> the 4), so the style stays."""
         if info.get("task") == "digit":
