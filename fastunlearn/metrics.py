@@ -64,8 +64,8 @@ class DigitsPerceptual(torch.nn.Module):
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 64) globally pooled last conv features: the `fid-digits` embedding. images in [0, 1]."""
-        return self.classifier.features(images * 2 - 1)[-1].mean((2, 3))
+        """(B, 64) globally pooled last conv features: the `fid-digits` embedding. images in [0, 1], on any device."""
+        return DigitsPerceptual.features(self, images)[-1].mean((2, 3))
 
 
 TORCHVISION_FILES = {"alex": ("alexnet", "alexnet-owt-7be5be79.pth"), "vgg": ("vgg16", "vgg16-397923af.pth"),

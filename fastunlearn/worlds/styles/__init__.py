@@ -179,14 +179,15 @@ class World:
             from ..digits.data import DIGIT_WORDS
 
             d, e = info["forget_digit"], (info["forget_digit"] + 1) % 10
-            return [re.sub(rf"\b{DIGIT_WORDS[d]}\b", DIGIT_WORDS[e], re.sub(rf"\b{d}\b", str(e), q), flags=re.IGNORECASE)
-                    for q in forget]
-        if info.get("task") != "style":
+            swaps = {str(d): str(e), DIGIT_WORDS[d]: DIGIT_WORDS[e]}
+        elif info.get("task") == "style":
+            colour, stroke = parse_style(info["forget_style"])
+            swaps = ({COLOUR_NAMES[colour]: ANCHOR_COLOUR[COLOUR_NAMES[colour]]} if colour is not None
+                     else {STROKE_NAMES[stroke]: STROKE_NAMES[1 - stroke]})
+        else:
             return None
-        colour, stroke = parse_style(info["forget_style"])
-        word, other = ((COLOUR_NAMES[colour], ANCHOR_COLOUR[COLOUR_NAMES[colour]]) if colour is not None
-                       else (STROKE_NAMES[stroke], STROKE_NAMES[1 - stroke]))
-        return [re.sub(rf"\b{word}\b", other, q, flags=re.IGNORECASE) for q in forget]
+        words = re.compile(r"\b(" + "|".join(map(re.escape, swaps)) + r")\b", re.IGNORECASE)
+        return [words.sub(lambda m: swaps[m.group(1).lower()], q) for q in forget]
 
     def concept_words(self, info) -> list[str] | None:
         """The words that name the concept in its prompts, what --robust replaces: the digit ("3", "three") or a

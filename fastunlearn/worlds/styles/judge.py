@@ -100,5 +100,4 @@ class StylesPerceptual(DigitsPerceptual):
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 67): the fid-digits embedding of the ink map and the image's mean RGB (`fid-styles`)."""
-        return torch.cat([self.classifier.features(images * 2 - 1)[-1].mean((2, 3)),
-                          images.float().mean((2, 3)).to(self.device)], 1)
+        return torch.cat([super().embed(images), images.float().mean((2, 3)).to(self.device)], 1)
