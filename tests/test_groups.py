@@ -355,10 +355,16 @@ def test_styles_world_defaults_for_a_style_task_only(tmp_path, monkeypatch):
     assert (digit.forget_target, digit.saddle.tau, digit.lr, digit.saddle.lambda_init) == ("anchor", 0.01, 1e-4, 0.0)
     ovw = config_from_args(["--model", "styles", "--forget-style", "red", "--method", "ovw"])  # other methods: today's
     assert (ovw.forget_target, ovw.lr) == ("esd", 2e-4)
+    for cfg in (chosen, digit):  # one constraint per neighbour group, beside the full mean retain loss
+        assert (cfg.saddle.retain, cfg.saddle.retain_weight, cfg.saddle.rho) == ("constraints", 1.0, 0.02)
     own = tmp_path / "forget.txt"
     own.write_text("the number 3 in thin red ink\nthe number 4 in thin red ink\n")
     mine = config_from_args(["--model", "styles", "--forget-style", "red", "--forget-prompts", str(own)])
-    assert (mine.forget_target, mine.lr) == ("esd", 2e-4)  # the user's prompts: no world anchors assumed
+    assert (mine.forget_target, mine.lr, mine.saddle.retain) == ("esd", 2e-4, "mean")  # no world anchors assumed
+    kept = tmp_path / "retain.txt"
+    kept.write_text("a photo of a cat\n")  # the user's retain prompts: the world's groups are not assumed
+    theirs = config_from_args(["--model", "styles", "--forget-style", "red", "--retain-prompts", str(kept)])
+    assert (theirs.forget_target, theirs.saddle.lambda_init, theirs.saddle.retain) == ("anchor", 1.0, "mean")
     monkeypatch.setattr(World, "method_defaults", {"saddle": {"saddle.tau": 0.3, "lr": 1e-4}})
     monkeypatch.setattr(World, "style_method_defaults", {"saddle": {"saddle.tau": 0.05}})
     style = config_from_args(["--model", "styles", "--forget-style", "green"])
