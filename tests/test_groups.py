@@ -365,6 +365,9 @@ def test_styles_world_defaults_for_a_style_task_only(tmp_path, monkeypatch):
     kept.write_text("a photo of a cat\n")  # the user's retain prompts: the world's groups are not assumed
     theirs = config_from_args(["--model", "styles", "--forget-style", "red", "--retain-prompts", str(kept)])
     assert (theirs.forget_target, theirs.saddle.lambda_init, theirs.saddle.retain) == ("anchor", 1.0, "mean")
+    assert (theirs.saddle.retain_weight, theirs.saddle.rho) == (0.1, 0.05)  # the built-in values, not the world's
+    images = config_from_args(["--model", "styles", "--forget-digit", "3", "--set", f"retain_data_dir={tmp_path}"])
+    assert (images.saddle.retain, images.lr) == ("mean", 1e-4)  # retain images: no groups assumed either
     monkeypatch.setattr(World, "method_defaults", {"saddle": {"saddle.tau": 0.3, "lr": 1e-4}})
     monkeypatch.setattr(World, "style_method_defaults", {"saddle": {"saddle.tau": 0.05}})
     style = config_from_args(["--model", "styles", "--forget-style", "green"])
