@@ -48,7 +48,7 @@ class GroupSettings:
     """Saddle's settings for neighbour groups (a base of methods.SaddleConfig: the keys are `saddle.*`). The
     defaults are first guesses; the sweeps on tuning tasks (docs/methods.md) found no value that beats `mean` with
     the `esd` target. With the styles world's anchor target, `constraints` at retain_weight 1, rho 0.02 did, and
-    that world's Saddle default uses it (fastunlearn.worlds.styles.World.method_defaults)."""
+    that world's Saddle default uses it (fastunlearn.worlds.styles.World.group_method_defaults)."""
 
     retain: str = "mean"                     # R's form: mean | constraints (R_g <= rho_g per group) | dro (worst group)
     retain_weight: float = num(0.1, 0)       # constraints: κ_R, the weight of the mean R in the objective

@@ -98,16 +98,16 @@ class World:
     # forget target (anchor_prompts: the next colour, the next digit), with the tight constraint that target needs
     # (at tau 0.2 it is met while the samples keep the colour: most of the anchor's gap does not decide it) and
     # lr 1e-4 (at 2e-4 Adam drifts the retained styles once the constraint is met). Chosen on the tuning tasks
-    # green and the 8, seed 0, never on red or the 3 (RESULTS.md, "Anchors in the styles world"). Then one retain
-    # constraint per neighbour group (each other style; each other digit) at rho 0.02 beside the full mean retain
-    # loss: on green, blue and the 8 it cut I_retain (0.043 -> 0.027, 0.102 -> 0.061, 0.097 -> 0.092) at full
-    # forgetting, and on green and the 8 the worst group's share of it (2.55x -> 2.01x, 3.15x -> 1.85x of the mean;
-    # blue 1.82x -> 2.10x) (RESULTS.md, "Group constraints on the anchor target"). These three apply only where the
-    # world chooses the retain set too (its groups are their styles or digits; a user's retain prompts, groups or
-    # images may have none).
-    method_defaults: dict = {"saddle": {"forget_target": "anchor", "saddle.tau": 0.01, "lr": 1e-4,
-                                        "saddle.retain": "constraints", "saddle.retain_weight": 1.0, "saddle.rho": 0.02}}
-    GROUP_KEYS = ("saddle.retain", "saddle.retain_weight", "saddle.rho")
+    # green and the 8, seed 0, never on red or the 3 (RESULTS.md, "Anchors in the styles world").
+    method_defaults: dict = {"saddle": {"forget_target": "anchor", "saddle.tau": 0.01, "lr": 1e-4}}
+    # ... with, where the world also chooses the retain set (its groups are their styles or digits; a user's retain
+    # prompts, groups or images may have none), one retain constraint per neighbour group (each other style; each
+    # other digit) at rho 0.02 beside the full mean retain loss: on green, blue and the 8 it cut I_retain (0.043 ->
+    # 0.027, 0.102 -> 0.061, 0.097 -> 0.092) at full forgetting, and on green and the 8 the worst group's share of
+    # it (2.55x -> 2.01x, 3.15x -> 1.85x of the mean; blue 1.82x -> 2.10x) (RESULTS.md, "Group constraints on the
+    # anchor target").
+    group_method_defaults: dict = {"saddle": {"saddle.retain": "constraints", "saddle.retain_weight": 1.0,
+                                              "saddle.rho": 0.02}}
     # ... and over them for a style task (--forget-style) only: a multiplier that starts at 1 (green: forget
     # accuracy 0.13 -> 0.01 in 400 steps).
     style_method_defaults: dict = {"saddle": {"saddle.lambda_init": 1.0}}
@@ -168,15 +168,15 @@ class World:
     def method_defaults_for(self, cfg) -> dict:
         """{config key: value}: this world's defaults for the run's method, with those of a style task over them
         when the run names a style (fastunlearn.cli). None when the user gives the forget prompts: the defaults
-        rest on the world's own anchors, which such prompts may not have; no group constraints (GROUP_KEYS) when
-        the user gives the retain prompts, groups or images: they rest on the world's groups."""
+        rest on the world's own anchors, which such prompts may not have; `group_method_defaults` only when the
+        world chooses the retain set too (they rest on its groups)."""
         if cfg.forget_prompts is not None or cfg.forget_data_dir:
             return {}
         defaults = dict(self.method_defaults.get(cfg.method, {}))
+        if cfg.retain_prompts is None and cfg.retain_groups is None and not cfg.retain_data_dir:
+            defaults.update(self.group_method_defaults.get(cfg.method, {}))
         if getattr(cfg, "forget_style", None):
             defaults.update(self.style_method_defaults.get(cfg.method, {}))
-        if cfg.retain_prompts is not None or cfg.retain_groups is not None or cfg.retain_data_dir:
-            defaults = {k: v for k, v in defaults.items() if k not in self.GROUP_KEYS}
         return defaults
 
     def anchor_prompts(self, info, forget) -> list[str] | None:
