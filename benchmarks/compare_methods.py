@@ -15,7 +15,8 @@ or a digit in every style (`--forget-digits`), and the table has unlearning accu
 retain accuracy with their 95 % intervals, I_retain per neighbour group, and the pairs of methods whose 95 %
 intervals on a metric do not overlap. Every table has `steps_to_converge` and the seconds to converge (training
 seconds, or a closed-form solve's, up to the first evaluation that met the forget criterion). With --reuse, a run
-whose report.json exists is read, not rerun.
+whose report.json exists is read, not rerun. Runs that started from different originals (two builds of a
+world: `original_fingerprint` in report.json) are named in a paragraph under the tables.
 
 With --attack every unlearned pipeline is also attacked three ways (benchmarks/compare_attack.py: Concept
 Inversion at the attack command's defaults, the prefix search, and Concept Inversion started from a retained
@@ -146,6 +147,24 @@ def separated(reports: list[dict]) -> list[str]:
                     lines.append(f"| {task_of(a)} | {a.get('seed', '—')} | {key} | {label(lo)} {fmt(min(va, vb))} < "
                                  f"{label(hi)} {fmt(max(va, vb))} |")
     return sorted(lines)
+
+
+def originals_note(reports: list[dict]) -> str:
+    """"" when every report started from the same original (report.json's `original_fingerprint`), else a paragraph
+    naming the groups: two builds of a world are not bit-identical (torch version, thread count), and the same
+    command then gives other numbers, so rows are compared only within a group. Reports that predate the
+    fingerprint make a group of their own ("not recorded")."""
+    groups: dict[str, list[str]] = {}
+    for r in reports:
+        groups.setdefault(r.get("original_fingerprint") or "", []).append(f"{label(r)} {task_of(r)}/s{r.get('seed', '—')}")
+    if len(groups) < 2:
+        return ""
+    known = [k for k in groups if k]
+    head = (f"**These rows start from {len(known)} different originals**" if len(known) > 1 else
+            "**Not every row is known to start from the same original**")
+    lines = [f"* `{k}`: {', '.join(v)}" if k else f"* not recorded (older reports): {', '.join(v)}"
+             for k, v in groups.items()]
+    return head + " (`original_fingerprint`): compare a row only with rows of its own group.\n\n" + "\n".join(lines)
 
 
 def converge_seconds(r: dict) -> str:
@@ -358,6 +377,10 @@ def main() -> int:
     if any(r.get("attack") for r in reports):
         md += ("\n\nUnder attack, per run label over its tasks and seeds (forget accuracy: Wilson 95 % over every judged "
                "sample; I_retain: mean ± 1.96 SE):\n\n" + robust_table(reports, label, task_of))
+    mixed = originals_note(reports)
+    if mixed:
+        md += "\n\n" + mixed
+        print("compare: warning: the runs start from different originals (see the end of table.md)", file=sys.stderr)
     (out / "table.md").write_text(md + "\n")
     (out / "reports.json").write_text(json.dumps(reports, indent=2))
     groups = list(dict.fromkeys((task_of(r), r.get("seed")) for r in reports))

@@ -90,12 +90,16 @@ class Trainer:
     def _build(self, forget, retain, anchors):
         """Load and check everything the run needs: pipeline, process group, DeepSpeed config, teacher,
         conditioning, data, engine. Writes nothing to the output folder."""
-        from fastunlearn.models import load_pipeline, prompt_overflow, teacher_and_student
+        from fastunlearn.models import fingerprint, load_pipeline, prompt_overflow, teacher_and_student
         from fastunlearn.report import RunEvaluation
 
         cfg = self.cfg
         self.dtype = DTYPES[cfg.mixed_precision]
         self.pipe = load_pipeline(cfg.model, torch_dtype=self.dtype, cache_dir=cfg.cache_dir)  # bad paths fail first
+        # which original this run started from (report.json): two builds of a world, or two releases of a model,
+        # give other numbers for the same command, and tables must not mix them
+        self.original_fingerprint = fingerprint([self.pipe.unet, self.pipe.text_encoder,
+                                                 getattr(self.pipe, "text_encoder_2", None)])
         self.evaluation = RunEvaluation(cfg, self.pipe, self.embedded_world, self.world_info, self.concepts, self.note)
         for msg in prompt_overflow(self.pipe, forget + retain + anchors):
             self.warn(msg)
@@ -334,7 +338,7 @@ class Trainer:
                "notes": self.notes, "skipped_steps": self.skipped_steps}
         report = self.evaluation.report(run, metrics, base, evaluator, teacher_facts(cfg, self.teacher, self.student),
                                         self.t_start)
-        report.update(**self.method.report(), **self.robust.report())
+        report.update(**self.method.report(), **self.robust.report(), original_fingerprint=self.original_fingerprint)
         if self.init_report is not None:
             report["init_uce"] = self.init_report
         tmp = self.folder.tmp_dir()  # everything is written here first, then moved into place

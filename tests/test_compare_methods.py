@@ -138,3 +138,20 @@ def test_grid_rows_group_samples_when_every_prompt_has_one_sample(tmp_path):
     rows = comparison_rows(ev, {"forget": imgs["forget"][:8], "retain": imgs["retain"][:8]},
                            {"forget": imgs["forget"][:8], "retain": imgs["retain"][:8]}, 4)
     assert [label for label, _, _ in rows] == ["forget: a 3", "retain: a 1", "retain: a 2"]
+
+
+def test_rows_from_different_originals_are_named_apart(compare):
+    def r(lbl, fp, seed):
+        out = {"label": lbl, "method": lbl, "forget_digit": 5, "seed": seed}
+        if fp is not None:
+            out["original_fingerprint"] = fp
+        return out
+
+    same = [r("saddle", "aaaa", 0), r("saddle-robust", "aaaa", 0)]
+    assert compare.originals_note(same) == ""
+    assert compare.originals_note([r("saddle", None, 0), r("ovw", None, 1)]) == ""  # all predate it: nothing to say
+    note = compare.originals_note(same + [r("saddle", "bbbb", 1), r("ovw", None, 0)])
+    assert note.startswith("**These rows start from 2 different originals**")
+    assert "* `aaaa`: saddle 5/s0, saddle-robust 5/s0" in note and "* `bbbb`: saddle 5/s1" in note
+    assert "* not recorded (older reports): ovw 5/s0" in note
+    assert compare.originals_note(same + [r("ovw", None, 0)]).startswith("**Not every row is known to start from")

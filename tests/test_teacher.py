@@ -56,3 +56,8 @@ def test_attn2_run_uses_the_shared_teacher_and_finishes(tiny_sd_path, tmp_path, 
     report = json.loads((out / "report.json").read_text())
     assert report["teacher"] == "shared" and report["steps"] == 2
     assert 0 < report["teacher_extra_bytes"] < report["unet_bytes"] / 5
+    # the report names the original it started from (the loaded weights), not the unlearned result
+    original = DiffusionPipeline.from_pretrained(tiny_sd_path)
+    assert report["original_fingerprint"] == fingerprint([original.unet, original.text_encoder])
+    unlearned = DiffusionPipeline.from_pretrained(out)
+    assert fingerprint([unlearned.unet, unlearned.text_encoder]) != report["original_fingerprint"]
