@@ -1,4 +1,7 @@
 import os
+import subprocess
+import sys
+import time
 
 # No network here: make every hub lookup fail fast instead of retrying for minutes.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -33,7 +36,7 @@ def tiny_sdxl_path(tmp_path_factory):
 # The real digits world takes about 20 minutes to build on 2 CPU cores. When a run collects tests that need it and
 # it is not in the cache, it is built in a background process (one thread) while the tests that do not need it run
 # first; the tests that do (the `digits_world` fixture) are moved to the end, in their order. The fixture then waits
-# on the cache's lock for the background build, or builds the world itself if the background build failed.
+# for the background process, or builds the world itself if the background build failed.
 _PREBUILD = """
 import signal, sys
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # exit through `finally`: no temporary folder left behind
@@ -63,16 +66,12 @@ def pytest_collection_finish(session):
 
     if world_problem(world_path()) is None:
         return
-    import subprocess
-    import sys
-    import time
-
     log = config._tmp_path_factory.getbasetemp() / "digits-world-prebuild.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_MININTERVAL": "30"}
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, "-c", _PREBUILD], stdout=f, stderr=subprocess.STDOUT, env=env,
                                 stdin=subprocess.DEVNULL)
-    config._digits_prebuild = {"proc": proc, "log": log, "start": time.time(), "tests_before": before}
+    config._digits_prebuild = {"proc": proc, "log": log, "start": time.time()}
     reporter = config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
         reporter.write_line(f"fastunlearn: building the digits world in the background while the {before} tests "
@@ -98,8 +97,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 @pytest.fixture(scope="session")
 def digits_world(request):
     """The real digits world from the cache ($FASTUNLEARN_CACHE), built on first use (minutes)."""
-    import time
-
     from fastunlearn.worlds.digits import load_world
 
     pre = getattr(request.config, "_digits_prebuild", None)
