@@ -72,7 +72,7 @@ def test_sigkill_then_rerun_resumes_and_matches_uninterrupted(fault, base_args, 
         assert "ignoring incomplete checkpoint(s) .partial-step-4" in resumed.stderr
         assert not (out / "checkpoints" / ".partial-step-4").exists()
     assert json.loads((out / "report.json").read_text())["steps"] == 6
-    assert_same_weights(tmp_path / "ref", out)
+    assert_same_weights(zero2_uninterrupted, out)
 
 
 def test_rerun_with_other_settings_is_refused_and_overwrite_starts_over(base_args, tmp_path):
@@ -211,29 +211,41 @@ def test_evaluate_between_incompatible_pipelines_is_refused(tiny_sd_path, tmp_pa
 # ---- the acceptance test: 2-process ZeRO-2 on the digits world ---------------------------------------
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("fault", ["kill", "checkpoint-written:8"], ids=["sigkill-mid-training", "sigkill-during-checkpoint"])
-def test_two_process_zero2_digits_sigkill_resume_equals_uninterrupted(fault, digits_world, tmp_path):
-    """`deepspeed --num_gpus 2` on the CPU, killed with SIGKILL, rerun with the same command: the final
-    weights equal those of a run that was never interrupted."""
+_ZERO2_BASE = ["--config", str(ROOT / "configs" / "digits.yaml"), "--zero-stage", "2", "--max-steps", "12",
+               "--set", "checkpoint_every=4", "--set", "keep_checkpoints=2", "--set", "eval.every=0",
+               "--set", "log_every=1", "--set", "eval.forget_samples=4", "--set", "eval.retain_samples_per_prompt=1",
+               "--set", "eval.num_inference_steps=4", "--set", "forget_batch_size=4", "--set", "retain_batch_size=4"]
+
+
+def launch_zero2(out, port, fault_spec=None):
+    """`deepspeed --num_gpus 2 fastunlearn/train.py` on the digits world, 12 steps, in its own process group."""
     launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or shutil.which("deepspeed")
-    base = ["--config", str(ROOT / "configs" / "digits.yaml"), "--zero-stage", "2", "--max-steps", "12",
-            "--set", "checkpoint_every=4", "--set", "keep_checkpoints=2", "--set", "eval.every=0", "--set", "log_every=1",
-            "--set", "eval.forget_samples=4", "--set", "eval.retain_samples_per_prompt=1",
-            "--set", "eval.num_inference_steps=4", "--set", "forget_batch_size=4", "--set", "retain_batch_size=4"]
+    assert launcher, "the deepspeed launcher is not installed"
     drop = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "FASTUNLEARN_FAULT"}
     e = {k: v for k, v in os.environ.items() if k not in drop} | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [launcher, "--num_gpus", "2", "--master_port", str(port), TRAIN, *_ZERO2_BASE, "--output-dir", str(out)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env=e | ({"FASTUNLEARN_FAULT": fault_spec} if fault_spec else {}))
 
-    def launch(out, port, fault_spec=None):
-        cmd = [launcher, "--num_gpus", "2", "--master_port", str(port), TRAIN, *base, "--output-dir", str(out)]
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                                env=e | ({"FASTUNLEARN_FAULT": fault_spec} if fault_spec else {}))
 
-    ref = launch(tmp_path / "ref", 29611)
-    assert ref.wait(timeout=900) == 0, ref.stdout.read()[-3000:]
+@pytest.fixture(scope="module")
+def zero2_uninterrupted(digits_world, tmp_path_factory):
+    """The uninterrupted run both faults are compared with (run once: it does not depend on the fault)."""
+    out = tmp_path_factory.mktemp("zero2-ref") / "ref"
+    ref = launch_zero2(out, 29611)
+    text = ref.communicate(timeout=900)[0]
+    assert ref.returncode == 0, text[-3000:]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["kill", "checkpoint-written:8"], ids=["sigkill-mid-training", "sigkill-during-checkpoint"])
+def test_two_process_zero2_digits_sigkill_resume_equals_uninterrupted(fault, digits_world, zero2_uninterrupted, tmp_path):
+    """`deepspeed --num_gpus 2` on the CPU, killed with SIGKILL, rerun with the same command: the final
+    weights equal those of a run that was never interrupted."""
     out = tmp_path / "out"
     if fault == "kill":  # an outside SIGKILL of the whole job once step 5 is logged (checkpoint 4 exists, 8 may)
-        job = launch(out, 29612)
+        job = launch_zero2(out, 29612)
         log = out / "train.log"
         deadline = time.time() + 900
         while time.time() < deadline and not (log.is_file() and "step 5 " in log.read_text()):
@@ -242,11 +254,11 @@ def test_two_process_zero2_digits_sigkill_resume_equals_uninterrupted(fault, dig
         job.wait(timeout=60)
         assert (out / "checkpoints" / "step-4").is_dir()
     else:  # rank 0 kills itself after the shards of step 6 are written, before the checkpoint is committed
-        job = launch(out, 29612, fault)
+        job = launch_zero2(out, 29612, fault)
         assert job.wait(timeout=900) != 0
         assert (out / "checkpoints" / ".partial-step-8").is_dir()
     assert not (out / "report.json").exists()
-    rerun = launch(out, 29613)
+    rerun = launch_zero2(out, 29613)
     text = rerun.communicate(timeout=900)[0]
     assert rerun.returncode == 0, text[-3000:]
     resumed = re.search(r"resuming from \S+ \(step (\d+) of 12\)", text)
@@ -254,4 +266,4 @@ def test_two_process_zero2_digits_sigkill_resume_equals_uninterrupted(fault, dig
     assert int(resumed.group(1)) == 4 if fault != "kill" else int(resumed.group(1)) in (4, 8)
     if fault != "kill":
         assert "ignoring incomplete checkpoint(s) .partial-step-8" in text
-    assert_same_weights(tmp_path / "ref", out)
+    assert_same_weights(zero2_uninterrupted, out)

@@ -82,8 +82,8 @@ def _train_vae(vae, images, recipe: Recipe, gen, bar):
         loss.backward()
         opt.step()
         sched.step()
+        bar.set_postfix(stage="vae", loss=f"{loss.item():.4f}", refresh=False)  # drawn by update, at its own pace
         bar.update(1)
-        bar.set_postfix(stage="vae", loss=f"{loss.item():.4f}")
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         dist = vae.encode(rgb).latent_dist
@@ -129,8 +129,8 @@ def _train_unet(unet, text_encoder, tokenizer, scheduler, lat_mean, lat_std, lab
             for ema, live in ((ema_unet, unet), (ema_text, text_encoder)):
                 for pe, p in zip(ema.parameters(), live.parameters()):
                     pe.lerp_(p, 1 - decay)
+        bar.set_postfix(stage="unet", loss=f"{loss.item():.4f}", refresh=False)  # drawn by update, at its own pace
         bar.update(1)
-        bar.set_postfix(stage="unet", loss=f"{loss.item():.4f}")
     return ema_unet.eval(), ema_text.eval()
 
 
