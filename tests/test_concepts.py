@@ -127,9 +127,10 @@ def test_digits_world_forgets_three_and_seven_at_once(digits_world, tmp_path):
         (tmp_path / f"{name}.txt").write_text("\n".join(digit_prompts(d)[:3]) + "\n")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     train = str(Path(__file__).resolve().parents[1] / "fastunlearn" / "train.py")
+    # 150 steps: both gone by step 100 (the 3 at 1 of 30 samples, the 7 at 0, at steps 100 and 150; 2026-12-07)
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, train, "--forget-prompts", str(tmp_path / "three.txt"), "--forget-prompts",
-                           str(tmp_path / "seven.txt"), "--output-dir", str(out), "--max-steps", "200",
+                           str(tmp_path / "seven.txt"), "--output-dir", str(out), "--max-steps", "150",
                            "--set", "eval.early_every=0", "--set", "eval.every=0"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=1800, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
