@@ -26,6 +26,6 @@ def pytest_runtest_logstart(nodeid, location):
 
 def pytest_runtest_logfinish(nodeid, location):
     t, me, kids = _started.pop(nodeid)
-    me2, kids2 = _cpu()
+    now, (me2, kids2) = time.time(), _cpu()
     with open(_PATH, "a") as f:
-        f.write(f"{time.time() - _T0:.0f}\t{time.time() - t:.1f}\t{me2 - me:.1f}\t{kids2 - kids:.1f}\t{nodeid}\n")
+        f.write(f"{now - _T0:.0f}\t{now - t:.1f}\t{me2 - me:.1f}\t{kids2 - kids:.1f}\t{nodeid}\n")

@@ -22,10 +22,14 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "fastunlearn" / "train.py")
 
 
-def env(tmp_path, **extra):
+def clean_env(**extra) -> dict:
+    """This environment without the launcher's and the fault injection's variables, offline, with `extra`."""
     drop = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "FASTUNLEARN_FAULT"}
-    e = {k: v for k, v in os.environ.items() if k not in drop}
-    return e | {"HF_HUB_OFFLINE": "1", "FASTUNLEARN_CACHE": str(tmp_path / "cache")} | extra
+    return {k: v for k, v in os.environ.items() if k not in drop} | {"HF_HUB_OFFLINE": "1"} | extra
+
+
+def env(tmp_path, **extra):
+    return clean_env(FASTUNLEARN_CACHE=str(tmp_path / "cache"), **extra)
 
 
 def train(args, tmp_path, fault=None, timeout=300):
@@ -221,11 +225,10 @@ def launch_zero2(out, port, fault_spec=None):
     """`deepspeed --num_gpus 2 fastunlearn/train.py` on the digits world, 12 steps, in its own process group."""
     launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or shutil.which("deepspeed")
     assert launcher, "the deepspeed launcher is not installed"
-    drop = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "FASTUNLEARN_FAULT"}
-    e = {k: v for k, v in os.environ.items() if k not in drop} | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [launcher, "--num_gpus", "2", "--master_port", str(port), TRAIN, *_ZERO2_BASE, "--output-dir", str(out)]
+    fault = {"FASTUNLEARN_FAULT": fault_spec} if fault_spec else {}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env=e | ({"FASTUNLEARN_FAULT": fault_spec} if fault_spec else {}))
+                            env=clean_env(OMP_NUM_THREADS="1", **fault))
 
 
 @pytest.fixture(scope="module")
