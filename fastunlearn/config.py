@@ -133,6 +133,9 @@ class TrainConfig:
                                      # forget_digit (a digit in every style), when forget_prompts is not given
     forget_target: str = "esd"
     forget_eta: float = num(1.0, 0)  # strength of the esd target's negative guidance (the ESD paper's eta)
+    forget_t_min: float = num(0.0, 0, 1)  # the forget rows' timesteps are drawn from [forget_t_min * T, T) (T: the
+                                     # scheduler's training steps; 0: all of them, uniform): > 0 spends the forget
+                                     # term on the noisy steps, where a sample's layout and colour are decided
     retain_target: str = "teacher"   # R's retain line against the teacher ("teacher") or the true noise ("noise", data mode)
     forget_data_dir: str | None = None  # data mode: an image folder with metadata.jsonl ({"file_name", "text"})
     retain_data_dir: str | None = None  # data mode for the retain set (else data-free from retain_prompts)

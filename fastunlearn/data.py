@@ -208,7 +208,7 @@ class Batches:
         else:
             x0_r, c_r = x0_f[:0], self.ids_f[:0]
         n_f, n_r, fresh = (torch.randn(x.shape, generator=g) for x in (x0_f, x0_r, x0_f))
-        t_f = torch.randint(0, T, (len(x0_f),), generator=g)
+        t_f = torch.randint(min(int(cfg.forget_t_min * T), T - 1), T, (len(x0_f),), generator=g)
         t_r = torch.randint(0, T, (len(x0_r),), generator=g)
         alt = (self.ids_r[torch.randint(0, len(self.ids_r), (len(x0_f),), generator=g)]
                if self.ids_r is not None else self.ids_f[i_f])

@@ -261,3 +261,33 @@ def test_default_deepspeed_config_is_the_shipped_file(stage):
     assert built["gradient_clipping"] == cfg.grad_clip
     from_file = TrainConfig(zero_stage=stage, deepspeed_config=str(path)).validate()
     assert deepspeed_config(from_file, world_size=1) == built
+
+
+@pytest.mark.parametrize("t_min", [0.0, 0.37, 1.0])
+def test_forget_t_min_draws_forget_timesteps_from_the_noisy_end_only(t_min):
+    """forget_t_min: the forget rows' t in [floor(t_min * T), T), the retain rows' and everything else as at 0 (the
+    same generator draws, so 0 is today's data bit for bit)."""
+    from diffusers import DDPMScheduler
+
+    from fastunlearn.data import Batches
+
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    g = torch.Generator().manual_seed(3)
+    lat_f, lat_r = torch.randn(7, 4, 5, 5, generator=g), torch.randn(9, 4, 5, 5, generator=g)
+    ids_f, ids_r = torch.arange(7) % 3, torch.arange(9) % 4
+
+    def draw(value):
+        cfg = TrainConfig(forget_t_min=value, forget_batch_size=64, retain_batch_size=64).validate()
+        b = Batches(cfg, sched, lat_f, ids_f, ids_f, lat_r, ids_r, 0, "cpu", torch.float32, None, None)
+        return b.step(5, 0)
+
+    st, st0 = draw(t_min), draw(0.0)
+    lo = min(int(t_min * 1000), 999)
+    assert int(st.t_f.min()) >= lo and int(st.t_f.max()) < 1000
+    assert torch.equal(st.t_r, st0.t_r) and torch.equal(st.x_r, st0.x_r) and torch.equal(st.c_f, st0.c_f)
+    if t_min == 0.0:
+        assert torch.equal(st.t_f, st0.t_f)
+    else:
+        assert int(st.t_f.max()) > lo or t_min == 1.0  # uniform over the range, not one value
+    with pytest.raises(Exception, match="forget_t_min"):
+        TrainConfig(forget_t_min=1.5).validate()
