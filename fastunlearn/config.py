@@ -136,6 +136,10 @@ class TrainConfig:
     forget_t_min: float = num(0.0, 0, 1)  # the forget rows' timesteps are drawn from [forget_t_min * T, T) (T: the
                                      # scheduler's training steps; 0: all of them, uniform): > 0 spends the forget
                                      # term on the noisy steps, where a sample's layout and colour are decided
+    forget_x0_anchor: float = num(0.0, 0, 1)  # the share of forget rows whose x_0 is the teacher's sample of the row's
+                                     # anchor prompt (same initial noise) instead of the forget prompt's: the forget
+                                     # term then also sees the x_t the student visits once it draws the anchor
+                                     # (data-free mode; 0: none, today's data bit for bit)
     retain_target: str = "teacher"   # R's retain line against the teacher ("teacher") or the true noise ("noise", data mode)
     forget_data_dir: str | None = None  # data mode: an image folder with metadata.jsonl ({"file_name", "text"})
     retain_data_dir: str | None = None  # data mode for the retain set (else data-free from retain_prompts)
@@ -189,6 +193,9 @@ class TrainConfig:
             raise FastUnlearnError(f"teacher must be auto, copy or shared, got {self.teacher!r}")
         if self.teacher == "shared" and (self.params == "full" or self.zero_stage == 3):
             raise FastUnlearnError("teacher: shared needs a parameter subset (params: attn2 or non-attn2) and ZeRO stage < 3")
+        if self.forget_x0_anchor and self.forget_data_dir:
+            raise FastUnlearnError("forget_x0_anchor needs data-free forget rows (the teacher's samples of the anchor "
+                                   "prompts), not forget_data_dir's images")
         if self.init not in ("original", "uce"):
             raise FastUnlearnError(f"init must be original or uce, got {self.init!r}")
         if self.init == "uce" and (self.lora.rank or self.teacher == "shared" or self.method in CLOSED_FORM_METHODS

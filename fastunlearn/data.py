@@ -183,9 +183,10 @@ class Batches:
     generator seeded by (seed, step, micro, rank), so a resumed run sees exactly the same data."""
 
     def __init__(self, cfg: TrainConfig, scheduler, lat_f, ids_f, anchor_ids, lat_r, ids_r, rank, device, dtype,
-                 student, teacher):
+                 student, teacher, lat_a=None):
         self.cfg, self.scheduler, self.rank, self.device, self.dtype = cfg, scheduler, rank, device, dtype
         self.lat_f, self.ids_f, self.anchor_ids, self.lat_r, self.ids_r = lat_f, ids_f, anchor_ids, lat_r, ids_r
+        self.lat_a = lat_a  # forget_x0_anchor: row i is the teacher's sample of row i's anchor prompt (same noise)
         self.student, self.teacher = student, teacher
 
     def output_target(self, x0, noise, t):
@@ -212,6 +213,9 @@ class Batches:
         t_r = torch.randint(0, T, (len(x0_r),), generator=g)
         alt = (self.ids_r[torch.randint(0, len(self.ids_r), (len(x0_f),), generator=g)]
                if self.ids_r is not None else self.ids_f[i_f])
+        if self.lat_a is not None and cfg.forget_x0_anchor > 0:  # drawn last: the draws above stay today's
+            from_anchor = torch.rand(len(i_f), generator=g) < cfg.forget_x0_anchor
+            x0_f = torch.where(from_anchor.view(-1, *[1] * (x0_f.dim() - 1)), self.lat_a[i_f], x0_f)
         dev = lambda x: x.to(self.device, self.dtype)  # noqa: E731
         return Step(
             x_f=self.scheduler.add_noise(x0_f, n_f, t_f), x_r=self.scheduler.add_noise(x0_r, n_r, t_r), t_f=t_f, t_r=t_r, c_f=self.ids_f[i_f],

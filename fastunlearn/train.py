@@ -136,6 +136,10 @@ class Trainer:
         lat_f, rows_f = training_latents("forget", forget, cfg.forget_data_dir, cfg.forget_samples_per_prompt, key,
                                           self.pipe, self.teacher_pipe(), cfg, self.rank)
         anchor_of = dict(zip(forget, anchors))
+        lat_a = None
+        if cfg.forget_x0_anchor > 0:  # the anchors' samples, row for row with lat_f (same prompt order, same seeds)
+            lat_a, _ = training_latents("anchor", [anchor_of[p] for p in forget], None, cfg.forget_samples_per_prompt,
+                                        key, self.pipe, self.teacher_pipe(), cfg, self.rank)
         lat_r, ids_r = None, None
         if retain:
             lat_r, rows_r = training_latents("retain", retain, cfg.retain_data_dir, cfg.retain_samples_per_prompt,
@@ -143,7 +147,7 @@ class Trainer:
             ids_r = self.cond.ids(rows_r)
         self.batches = Batches(cfg, self.pipe.scheduler, lat_f, self.cond.ids(rows_f),
                                self.cond.ids([anchor_of[p] for p in rows_f]), lat_r, ids_r, self.rank, self.device,
-                               self.dtype, self.calls.student, self.calls.teacher)
+                               self.dtype, self.calls.student, self.calls.teacher, lat_a=lat_a)
         self.engine = initialize(self.student, cfg, self.ds_config)
         self.calls.engine = self.engine
         self.guard = StepGuard(self.engine.basic_optimizer)  # the optimizer DeepSpeed steps, whoever built it

@@ -291,3 +291,48 @@ def test_forget_t_min_draws_forget_timesteps_from_the_noisy_end_only(t_min):
         assert int(st.t_f.max()) > lo or t_min == 1.0  # uniform over the range, not one value
     with pytest.raises(Exception, match="forget_t_min"):
         TrainConfig(forget_t_min=1.5).validate()
+
+
+def test_forget_x0_anchor_takes_that_share_of_forget_rows_from_the_anchor_samples():
+    """forget_x0_anchor p: a forget row's x_0 is the anchor's sample (same row index) with probability p; nothing
+    else drawn changes, and 0 is today's data."""
+    from diffusers import DDPMScheduler
+
+    from fastunlearn.data import Batches
+
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    g = torch.Generator().manual_seed(4)
+    lat_f, lat_r = torch.randn(7, 4, 5, 3, generator=g), torch.randn(9, 4, 5, 3, generator=g)
+    lat_a = lat_f + 100.0
+    ids_f, ids_r = torch.arange(7) % 3, torch.arange(9) % 4
+
+    def draw(p):
+        cfg = TrainConfig(forget_x0_anchor=p, forget_batch_size=200, retain_batch_size=5).validate()
+        return Batches(cfg, sched, lat_f, ids_f, ids_f, lat_r, ids_r, 0, "cpu", torch.float32, None, None,
+                       lat_a=lat_a).step(2, 1)
+
+    st0, st_half, st1 = draw(0.0), draw(0.5), draw(1.0)
+    shift = sched.alphas_cumprod[st0.t_f].sqrt().view(-1, 1, 1, 1) * 100.0  # add_noise(x0 + 100) - add_noise(x0)
+    assert torch.allclose(st1.x_f - st0.x_f, shift.expand_as(st0.x_f), atol=1e-3)
+    moved = ((st_half.x_f - st0.x_f).abs().flatten(1).amax(1) > 1e-3)
+    assert 0.3 < moved.float().mean() < 0.7
+    for st in (st_half, st1):
+        assert torch.equal(st.t_f, st0.t_f) and torch.equal(st.x_r, st0.x_r) and torch.equal(st.c_f, st0.c_f)
+    with pytest.raises(Exception, match="forget_x0_anchor"):
+        TrainConfig(forget_x0_anchor=0.5, forget_data_dir="imgs").validate()
+
+
+@pytest.mark.parametrize("fixture", ["tiny_sd_path", "tiny_sdxl_path"])
+def test_forget_t_min_and_forget_x0_anchor_train_end_to_end(fixture, request, prompt_files, tmp_path, monkeypatch):
+    """Both data knobs through the whole run: the anchors' samples are drawn (and cached beside the forget set's),
+    the run trains and reports them in its config."""
+    monkeypatch.setenv("FASTUNLEARN_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    (tmp_path / "anchors.txt").write_text("a photo of lion\n")
+    run_inprocess(["--model", str(request.getfixturevalue(fixture)), "--method", "saddle", "--forget-prompts",
+                   str(prompt_files / "forget.txt"), "--retain-prompts", str(prompt_files / "retain.txt"),
+                   "--anchor-prompts", str(tmp_path / "anchors.txt"), "--set", "forget_target=anchor",
+                   "--set", "forget_t_min=0.5", "--set", "forget_x0_anchor=0.5", "--output-dir", str(out), *TINY])
+    assert json.loads((out / "report.json").read_text())["steps"] == 3
+    cached = sorted(p.name for p in (tmp_path / "cache" / "teacher-latents").iterdir())
+    assert any("-a-" in name for name in cached), cached
