@@ -353,6 +353,7 @@ def test_styles_world_defaults_for_a_style_task_only(tmp_path, monkeypatch):
     assert (chosen.forget_target, chosen.saddle.tau, chosen.lr, chosen.saddle.lambda_init) == ("anchor", 0.01, 1e-4, 1.0)
     digit = config_from_args(["--model", "styles", "--forget-digit", "3"])  # a digit task: no style defaults
     assert (digit.forget_target, digit.saddle.tau, digit.lr, digit.saddle.lambda_init) == ("anchor", 0.01, 1e-4, 0.0)
+    assert (chosen.forget_x0_anchor, digit.forget_x0_anchor) == (0.5, 0.0)  # anchor samples: style tasks only
     ovw = config_from_args(["--model", "styles", "--forget-style", "red", "--method", "ovw"])  # other methods: today's
     assert (ovw.forget_target, ovw.lr) == ("esd", 2e-4)
     for cfg in (chosen, digit):  # one constraint per neighbour group, beside the full mean retain loss
@@ -360,7 +361,7 @@ def test_styles_world_defaults_for_a_style_task_only(tmp_path, monkeypatch):
     own = tmp_path / "forget.txt"
     own.write_text("the number 3 in thin red ink\nthe number 4 in thin red ink\n")
     mine = config_from_args(["--model", "styles", "--forget-style", "red", "--forget-prompts", str(own)])
-    assert (mine.forget_target, mine.lr, mine.saddle.retain) == ("esd", 2e-4, "mean")  # no world anchors assumed
+    assert (mine.forget_target, mine.lr, mine.saddle.retain, mine.forget_x0_anchor) == ("esd", 2e-4, "mean", 0.0)
     kept = tmp_path / "retain.txt"
     kept.write_text("a photo of a cat\n")  # the user's retain prompts: the world's groups are not assumed
     theirs = config_from_args(["--model", "styles", "--forget-style", "red", "--retain-prompts", str(kept)])
