@@ -353,11 +353,12 @@ def test_styles_world_defaults_for_a_style_task_only(tmp_path, monkeypatch):
     assert (chosen.forget_target, chosen.saddle.tau, chosen.lr, chosen.saddle.lambda_init) == ("anchor", 0.01, 1e-4, 1.0)
     digit = config_from_args(["--model", "styles", "--forget-digit", "3"])  # a digit task: no style defaults
     assert (digit.forget_target, digit.saddle.tau, digit.lr, digit.saddle.lambda_init) == ("anchor", 0.01, 1e-4, 0.0)
-    assert (chosen.forget_x0_anchor, digit.forget_x0_anchor) == (0.5, 0.0)  # anchor samples: style tasks only
+    assert (chosen.forget_x0_anchor, digit.forget_x0_anchor) == (1.0, 0.0)  # anchor samples: style tasks only
     ovw = config_from_args(["--model", "styles", "--forget-style", "red", "--method", "ovw"])  # other methods: today's
     assert (ovw.forget_target, ovw.lr) == ("esd", 2e-4)
     for cfg in (chosen, digit):  # one constraint per neighbour group, beside the full mean retain loss
-        assert (cfg.saddle.retain, cfg.saddle.retain_weight, cfg.saddle.rho) == ("constraints", 1.0, 0.02)
+        assert (cfg.saddle.retain, cfg.saddle.retain_weight) == ("constraints", 1.0)
+    assert (chosen.saddle.rho, digit.saddle.rho) == (0.01, 0.02)  # a tighter bound for a style task
     own = tmp_path / "forget.txt"
     own.write_text("the number 3 in thin red ink\nthe number 4 in thin red ink\n")
     mine = config_from_args(["--model", "styles", "--forget-style", "red", "--forget-prompts", str(own)])

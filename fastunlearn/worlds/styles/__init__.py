@@ -109,12 +109,14 @@ class World:
     group_method_defaults: dict = {"saddle": {"saddle.retain": "constraints", "saddle.retain_weight": 1.0,
                                               "saddle.rho": 0.02}}
     # ... and over them for a style task (--forget-style) only: a multiplier that starts at 1 (green: forget
-    # accuracy 0.13 -> 0.01 in 400 steps), and half the forget rows starting from the teacher's sample of their anchor
-    # (forget_x0_anchor 0.5: the x_t the sampler visits once the student draws the anchor colour): on the tuning task
-    # green bold, which the rest left half unforgotten, unlearning accuracy 0.44 -> 1.00 at the same I_retain (0.037
-    # -> 0.036); green 0.027 -> 0.032, yellow 0.040 -> 0.027, both forgotten either way; shares 0.25 and 1 within
-    # noise of 0.5 (RESULTS.md, "Anchor samples as forget rows").
-    style_method_defaults: dict = {"saddle": {"saddle.lambda_init": 1.0, "forget_x0_anchor": 0.5}}
+    # accuracy 0.13 -> 0.01 in 400 steps); every forget row starting from the teacher's sample of its anchor
+    # (forget_x0_anchor 1: the x_t the sampler visits once the student draws the anchor colour), which forgets the
+    # tuning task green bold that the rest left half unforgotten (unlearning accuracy 0.44 -> 1.00); and each
+    # group's bound at rho 0.01: on green bold, green and yellow the pair keeps I_retain where it was (mean 0.033
+    # against 0.034 before) with the worst group within 2x of the mean on all three (1.47-1.59x; 1.95-2.01x before)
+    # (RESULTS.md, "Anchor samples as forget rows"). The bound only where the world's groups are (as above).
+    style_method_defaults: dict = {"saddle": {"saddle.lambda_init": 1.0, "forget_x0_anchor": 1.0}}
+    style_group_method_defaults: dict = {"saddle": {"saddle.rho": 0.01}}
 
     def __init__(self, cache_dir=None, recipe: Recipe | None = None):
         self.cache_dir, self.recipe = cache_dir, recipe if recipe is not None else self.default_recipe
@@ -172,15 +174,20 @@ class World:
     def method_defaults_for(self, cfg) -> dict:
         """{config key: value}: this world's defaults for the run's method, with those of a style task over them
         when the run names a style (fastunlearn.cli). None when the user gives the forget prompts: the defaults
-        rest on the world's own anchors, which such prompts may not have; `group_method_defaults` only when the
-        world chooses the retain set too (they rest on its groups)."""
+        rest on the world's own anchors, which such prompts may not have; `group_method_defaults` (and, for a style
+        task, `style_group_method_defaults`) only when the world chooses the retain set too (they rest on its
+        groups)."""
         if cfg.forget_prompts is not None or cfg.forget_data_dir:
             return {}
         defaults = dict(self.method_defaults.get(cfg.method, {}))
-        if cfg.retain_prompts is None and cfg.retain_groups is None and not cfg.retain_data_dir:
+        groups = cfg.retain_prompts is None and cfg.retain_groups is None and not cfg.retain_data_dir
+        style = bool(getattr(cfg, "forget_style", None))
+        if groups:
             defaults.update(self.group_method_defaults.get(cfg.method, {}))
-        if getattr(cfg, "forget_style", None):
+        if style:
             defaults.update(self.style_method_defaults.get(cfg.method, {}))
+        if groups and style:
+            defaults.update(self.style_group_method_defaults.get(cfg.method, {}))
         return defaults
 
     def anchor_prompts(self, info, forget) -> list[str] | None:
