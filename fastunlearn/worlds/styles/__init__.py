@@ -113,7 +113,7 @@ class World:
     # (forget_x0_anchor 1: the x_t the sampler visits once the student draws the anchor colour), which forgets the
     # tuning task green bold that the rest left half unforgotten (unlearning accuracy 0.44 -> 1.00); and each
     # group's bound at rho 0.01: on green bold, green and yellow the pair keeps I_retain where it was (mean 0.033
-    # against 0.034 before) with the worst group within 2x of the mean on all three (1.47-1.59x; 1.95-2.01x before)
+    # against 0.035 before) with the worst group within 2x of the mean on all three (1.47-1.59x; 1.95-2.01x before)
     # (RESULTS.md, "Anchor samples as forget rows"). The bound only where the world's groups are (as above).
     style_method_defaults: dict = {"saddle": {"saddle.lambda_init": 1.0, "forget_x0_anchor": 1.0}}
     style_group_method_defaults: dict = {"saddle": {"saddle.rho": 0.01}}
