@@ -263,23 +263,29 @@ def test_default_deepspeed_config_is_the_shipped_file(stage):
     assert deepspeed_config(from_file, world_size=1) == built
 
 
-@pytest.mark.parametrize("t_min", [0.0, 0.37, 1.0])
-def test_forget_t_min_draws_forget_timesteps_from_the_noisy_end_only(t_min):
-    """forget_t_min: the forget rows' t in [floor(t_min * T), T), the retain rows' and everything else as at 0 (the
-    same generator draws, so 0 is today's data bit for bit)."""
+def data_step(seed, step, micro, lat_a_shift=None, **cfg):
+    """One `Batches.step` over fresh random latents (7 forget rows, 9 retain rows, odd shapes), with `cfg` keys;
+    `lat_a_shift`: anchor samples equal to the forget latents plus this constant. Returns (step, scheduler)."""
     from diffusers import DDPMScheduler
 
     from fastunlearn.data import Batches
 
     sched = DDPMScheduler(num_train_timesteps=1000)
-    g = torch.Generator().manual_seed(3)
-    lat_f, lat_r = torch.randn(7, 4, 5, 5, generator=g), torch.randn(9, 4, 5, 5, generator=g)
+    g = torch.Generator().manual_seed(seed)
+    lat_f, lat_r = torch.randn(7, 4, 5, 3, generator=g), torch.randn(9, 4, 5, 3, generator=g)
     ids_f, ids_r = torch.arange(7) % 3, torch.arange(9) % 4
+    lat_a = None if lat_a_shift is None else lat_f + lat_a_shift
+    b = Batches(TrainConfig(**cfg).validate(), sched, lat_f, ids_f, ids_f, lat_r, ids_r, 0, "cpu", torch.float32,
+                None, None, lat_a=lat_a)
+    return b.step(step, micro), sched
 
+
+@pytest.mark.parametrize("t_min", [0.0, 0.37, 1.0])
+def test_forget_t_min_draws_forget_timesteps_from_the_noisy_end_only(t_min):
+    """forget_t_min: the forget rows' t in [floor(t_min * T), T), the retain rows' and everything else as at 0 (the
+    same generator draws, so 0 is today's data bit for bit)."""
     def draw(value):
-        cfg = TrainConfig(forget_t_min=value, forget_batch_size=64, retain_batch_size=64).validate()
-        b = Batches(cfg, sched, lat_f, ids_f, ids_f, lat_r, ids_r, 0, "cpu", torch.float32, None, None)
-        return b.step(5, 0)
+        return data_step(3, 5, 0, forget_t_min=value, forget_batch_size=64, retain_batch_size=64)[0]
 
     st, st0 = draw(t_min), draw(0.0)
     lo = min(int(t_min * 1000), 999)
@@ -296,22 +302,10 @@ def test_forget_t_min_draws_forget_timesteps_from_the_noisy_end_only(t_min):
 def test_forget_x0_anchor_takes_that_share_of_forget_rows_from_the_anchor_samples():
     """forget_x0_anchor p: a forget row's x_0 is the anchor's sample (same row index) with probability p; nothing
     else drawn changes, and 0 is today's data."""
-    from diffusers import DDPMScheduler
-
-    from fastunlearn.data import Batches
-
-    sched = DDPMScheduler(num_train_timesteps=1000)
-    g = torch.Generator().manual_seed(4)
-    lat_f, lat_r = torch.randn(7, 4, 5, 3, generator=g), torch.randn(9, 4, 5, 3, generator=g)
-    lat_a = lat_f + 100.0
-    ids_f, ids_r = torch.arange(7) % 3, torch.arange(9) % 4
-
     def draw(p):
-        cfg = TrainConfig(forget_x0_anchor=p, forget_batch_size=200, retain_batch_size=5).validate()
-        return Batches(cfg, sched, lat_f, ids_f, ids_f, lat_r, ids_r, 0, "cpu", torch.float32, None, None,
-                       lat_a=lat_a).step(2, 1)
+        return data_step(4, 2, 1, lat_a_shift=100.0, forget_x0_anchor=p, forget_batch_size=200, retain_batch_size=5)
 
-    st0, st_half, st1 = draw(0.0), draw(0.5), draw(1.0)
+    (st0, sched), (st_half, _), (st1, _) = draw(0.0), draw(0.5), draw(1.0)
     shift = sched.alphas_cumprod[st0.t_f].sqrt().view(-1, 1, 1, 1) * 100.0  # add_noise(x0 + 100) - add_noise(x0)
     assert torch.allclose(st1.x_f - st0.x_f, shift.expand_as(st0.x_f), atol=1e-3)
     moved = ((st_half.x_f - st0.x_f).abs().flatten(1).amax(1) > 1e-3)
